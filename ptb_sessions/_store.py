@@ -1,0 +1,619 @@
+"""The database layer shared by :class:`~ptb_sessions.SQLAlchemyPersistence` and
+:class:`~ptb_sessions.SQLAlchemyStorage`: one table, versioned rows, batched writes.
+
+Nothing here knows about PTB or about codecs beyond the text stored in a row: callers encode
+values and compare encodings; this module reads and writes rows, checks row versions and turns
+database failures into :class:`~ptb_sessions.StorageError` with the URL's password masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from sqlalchemy import String, any_, bindparam, delete, event, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from ptb_sessions import _alembic
+from ptb_sessions._errors import ConflictError, SchemaError, StorageError
+from ptb_sessions._schema import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, StoredRow
+from ptb_sessions._url import mask_url, to_async_url
+
+__all__ = ["ANY_VERSION", "Database", "Record", "Write"]
+
+_LOGGER = logging.getLogger(__name__)
+_TABLE = StoredRow.__table__
+_C = _TABLE.c
+
+#: ``Write.expected_version`` that skips the version check (a blind write).
+ANY_VERSION: Final = -1
+#: How many keys go into one ``IN (...)`` list.
+_CHUNK: Final = 500
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    """A stored row as read from the database (the value still encoded)."""
+
+    codec: str
+    data: str | None
+    version: int
+    data_version: float | None
+    touched_at: float
+    expires_at: float | None
+
+
+@dataclass(slots=True)
+class Write:
+    """One pending change of a row.
+
+    ``data`` is :obj:`None` to delete the row. ``expected_version`` is the version the writer
+    read (:obj:`None`: the writer saw no row; :data:`ANY_VERSION`: no check).
+    """
+
+    namespace: str
+    key: str
+    data: str | None
+    codec: str = "json"
+    expected_version: int | None = ANY_VERSION
+    data_version: float | None = None
+    expires_at: float | None = None
+    #: Filled in by :meth:`Database.apply`: the version now stored (:obj:`None` if deleted).
+    new_version: int | None = field(default=None, compare=False)
+
+
+def check_key(namespace: str, key: str) -> None:
+    """Raise :exc:`ValueError` if ``namespace`` or ``key`` cannot be stored."""
+    if not isinstance(key, str):
+        raise ValueError(f"{namespace}[{key!r}]: keys must be str, not {type(key).__name__}")
+    if len(key) > MAX_KEY_LENGTH:
+        raise ValueError(
+            f"{namespace}[{key[:40]!r}...]: key is {len(key)} characters long; at most "
+            f"{MAX_KEY_LENGTH} can be stored"
+        )
+    if "\x00" in key:
+        raise ValueError(f"{namespace}[{key!r}]: keys cannot contain NUL characters")
+    if not namespace or len(namespace) > MAX_NAMESPACE_LENGTH:
+        raise ValueError(
+            f"namespace {namespace!r} must be 1 to {MAX_NAMESPACE_LENGTH} characters long"
+        )
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Database:
+    """The table of ptb-sessions in one database.
+
+    Args:
+        url: An SQLAlchemy URL (sync URLs are run on their asyncio driver) or an
+            :class:`~sqlalchemy.ext.asyncio.AsyncEngine`. An engine created here is disposed by
+            :meth:`dispose` and created again when used afterwards; an engine passed in is never
+            disposed here.
+        auto_upgrade: Upgrade the schema to the newest revision on first use. If :obj:`False`,
+            an outdated schema raises :class:`~ptb_sessions.SchemaError`.
+        clock: Seconds since the epoch, for ``touched_at``.
+    """
+
+    __slots__ = (
+        "_engine",
+        "_owns_engine",
+        "_ready",
+        "_ready_lock",
+        "_url",
+        "auto_upgrade",
+        "clock",
+    )
+
+    def __init__(
+        self,
+        url: str | URL | AsyncEngine,
+        *,
+        auto_upgrade: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(url, AsyncEngine):
+            self._engine: AsyncEngine | None = url
+            self._url: URL = url.url
+            self._owns_engine = False
+        else:
+            self._engine = None
+            self._url = to_async_url(url)
+            self._owns_engine = True
+        self.auto_upgrade = auto_upgrade
+        self.clock = clock
+        self._ready = False
+        self._ready_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"Database({self.masked_url!r})"
+
+    @property
+    def masked_url(self) -> str:
+        """The database URL with its password replaced by ``***``."""
+        return mask_url(self._url)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite``, ``postgresql``, ``mysql`` or ``mariadb``."""
+        return self._url.get_backend_name()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine, created on first use."""
+        if self._engine is None:
+            kwargs: dict[str, Any] = {}
+            if self.dialect == "sqlite":
+                kwargs["connect_args"] = {"timeout": 30}
+            else:
+                kwargs["pool_pre_ping"] = True
+            self._engine = create_async_engine(self._url, **kwargs)
+            if self.dialect == "sqlite":
+                event.listen(self._engine.sync_engine, "connect", _sqlite_on_connect)
+                event.listen(self._engine.sync_engine, "begin", _sqlite_on_begin)
+        return self._engine
+
+    async def dispose(self) -> None:
+        """Close the engine's connections if the engine was created here."""
+        if self._owns_engine and self._engine is not None:
+            engine, self._engine = self._engine, None
+            await engine.dispose()
+
+    # -- errors ---------------------------------------------------------------------------
+
+    def error(self, exc: BaseException, what: str) -> StorageError:
+        """A :class:`~ptb_sessions.StorageError` for ``exc`` raised while doing ``what``."""
+        if isinstance(exc, StorageError):
+            return exc
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        reason = detail[0] if detail else type(exc).__name__
+        url = self._url
+        if url.password:
+            reason = reason.replace(str(url.password), "***")
+        return StorageError(
+            f"{what} failed on {self.masked_url}: {type(exc).__name__}: {reason}"
+        )
+
+    @staticmethod
+    def is_connection_error(exc: BaseException) -> bool:
+        """Whether ``exc`` means the database is unreachable (rather than a row being bad)."""
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
+            return True
+        name = type(getattr(exc, "orig", exc)).__name__
+        return "Connection" in name or "Interface" in name or "OperationalError" in name
+
+    # -- schema -------------------------------------------------------------------------
+
+    async def ensure_schema(self) -> None:
+        """Check the schema once, upgrading it if ``auto_upgrade``.
+
+        Raises:
+            SchemaError: The schema is outdated and ``auto_upgrade`` is off.
+            StorageError: The database cannot be reached.
+        """
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if self._ready:
+                return
+            head = _alembic.head_revision()
+            try:
+                current = await _alembic.current_revision(self.engine)
+                if current != head and self.auto_upgrade:
+                    _LOGGER.info(
+                        "Upgrading %s from revision %s to %s", self.masked_url, current, head
+                    )
+                    await _alembic.upgrade(self.engine, head)
+                    current = await _alembic.current_revision(self.engine)
+            except SQLAlchemyError as exc:
+                raise self.error(exc, "Checking the database schema") from exc
+            except OSError as exc:
+                raise self.error(exc, "Checking the database schema") from exc
+            if current != head:
+                raise SchemaError(
+                    f"The database {self.masked_url} is at schema revision "
+                    f"{current or 'none (empty database)'}, but ptb-sessions needs revision "
+                    f"{head}. Run `ptb-sessions --url '{self.masked_url}' db upgrade` (or "
+                    f"`alembic -x url='{self.masked_url}' upgrade head` from the ptb-sessions "
+                    f"repository), or pass auto_upgrade=True."
+                )
+            self._ready = True
+
+    @contextlib.asynccontextmanager
+    async def connect(self, what: str) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction, committed at the end; errors become StorageError."""
+        await self.ensure_schema()
+        try:
+            async with self.engine.begin() as connection:
+                yield connection
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.error(exc, what) from exc
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def get(self, namespace: str, key: str) -> Record | None:
+        """The row of ``key`` in ``namespace``, or :obj:`None`."""
+        async with self.connect(f"Reading {namespace}[{key!r}]") as connection:
+            row = (
+                await connection.execute(
+                    select(*_RECORD_COLUMNS).where(_C.namespace == namespace, _C.key == key)
+                )
+            ).first()
+        return None if row is None else Record(*row)
+
+    async def get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, Record]:
+        """The rows of ``keys`` that exist in ``namespace``."""
+        found: dict[str, Record] = {}
+        async with self.connect(f"Reading {len(keys)} keys of {namespace}") as connection:
+            for chunk in _chunks(keys):
+                result = await connection.execute(
+                    select(_C.key, *_RECORD_COLUMNS).where(
+                        _C.namespace == namespace, self._key_in(chunk)
+                    )
+                )
+                for key, *rest in result:
+                    found[key] = Record(*rest)
+        return found
+
+    async def scan(
+        self, namespace: str, *, batch_size: int = 5000
+    ) -> AsyncIterator[tuple[str, Record]]:
+        """Every row of ``namespace``, in key order, fetched in batches (keyset pagination, so
+        memory does not grow with the table)."""
+        last: str | None = None
+        while True:
+            query = select(_C.key, *_RECORD_COLUMNS).where(_C.namespace == namespace)
+            if last is not None:
+                query = query.where(_C.key > last)
+            query = query.order_by(_C.key).limit(batch_size)
+            async with self.connect(f"Reading {namespace}") as connection:
+                rows = (await connection.execute(query)).all()
+            for key, *rest in rows:
+                yield key, Record(*rest)
+            if len(rows) < batch_size:
+                return
+            last = rows[-1][0]
+
+    async def namespaces(self) -> list[str]:
+        """Every namespace that has rows."""
+        async with self.connect("Listing namespaces") as connection:
+            result = await connection.execute(select(_C.namespace).distinct())
+            return sorted(row[0] for row in result)
+
+    # -- writes -------------------------------------------------------------------------
+
+    async def apply(self, writes: Sequence[Write]) -> dict[tuple[str, str], StorageError]:
+        """Apply ``writes`` in one transaction, checking row versions.
+
+        A write whose ``expected_version`` does not match the stored row is not applied and
+        gets a :class:`~ptb_sessions.ConflictError`; the others are applied. If the
+        transaction fails as a whole, the writes are retried one by one, each in its own
+        transaction, so a row the database rejects fails for its key only. Each applied write
+        gets its ``new_version``.
+
+        Returns:
+            The errors of the writes that were not applied, by ``(namespace, key)``.
+
+        Raises:
+            StorageError: The database cannot be reached; nothing was applied.
+        """
+        if not writes:
+            return {}
+        try:
+            async with self.connect(f"Writing {len(writes)} rows") as connection:
+                return await self._apply(connection, writes)
+        except StorageError as exc:
+            if len(writes) == 1 or self.is_connection_error(exc.__cause__ or exc):
+                if len(writes) == 1:
+                    return {(writes[0].namespace, writes[0].key): exc}
+                raise
+            _LOGGER.warning("A batch of %d writes failed (%s); retrying one by one", len(writes), exc)
+        errors: dict[tuple[str, str], StorageError] = {}
+        for write in writes:
+            try:
+                async with self.connect(f"Writing {write.namespace}[{write.key!r}]") as connection:
+                    errors.update(await self._apply(connection, [write]))
+            except StorageError as exc:
+                if self.is_connection_error(exc.__cause__ or exc):
+                    raise
+                errors[(write.namespace, write.key)] = exc
+        return errors
+
+    async def _apply(
+        self, connection: AsyncConnection, writes: Sequence[Write]
+    ) -> dict[tuple[str, str], StorageError]:
+        now = self.clock()
+        errors: dict[tuple[str, str], StorageError] = {}
+        current = await self._lock_versions(connection, writes)
+        upserts: list[dict[str, Any]] = []
+        deletes: dict[str, list[str]] = {}
+        for write in writes:
+            where = (write.namespace, write.key)
+            stored = current.get(where)
+            expected = write.expected_version
+            if expected != ANY_VERSION and expected != stored:
+                errors[where] = ConflictError(
+                    f"{write.namespace}[{write.key!r}] was changed by another writer since it "
+                    f"was read (stored version {stored}, read version {expected}); this write "
+                    "was dropped and the key will be read again"
+                )
+                continue
+            if write.data is None:
+                if stored is not None:
+                    deletes.setdefault(write.namespace, []).append(write.key)
+                write.new_version = None
+                continue
+            write.new_version = (stored or 0) + 1
+            upserts.append(
+                {
+                    "namespace": write.namespace,
+                    "key": write.key,
+                    "codec": write.codec,
+                    "data": write.data,
+                    "version": write.new_version,
+                    "data_version": write.data_version,
+                    "touched_at": now,
+                    "expires_at": write.expires_at,
+                }
+            )
+        for namespace, keys in deletes.items():
+            for chunk in _chunks(keys):
+                await connection.execute(
+                    delete(_TABLE).where(_C.namespace == namespace, self._key_in(chunk))
+                )
+        if upserts:
+            await connection.execute(self._upsert_statement(), upserts)
+        return errors
+
+    async def _lock_versions(
+        self, connection: AsyncConnection, writes: Sequence[Write]
+    ) -> dict[tuple[str, str], int]:
+        """The stored versions of the rows of ``writes``, locked for update (SQLite: the whole
+        database is, by ``BEGIN IMMEDIATE``)."""
+        by_namespace: dict[str, list[str]] = {}
+        for write in writes:
+            by_namespace.setdefault(write.namespace, []).append(write.key)
+        versions: dict[tuple[str, str], int] = {}
+        for namespace, keys in by_namespace.items():
+            for chunk in _chunks(keys):
+                query = select(_C.key, _C.version).where(
+                    _C.namespace == namespace, self._key_in(chunk)
+                )
+                if self.dialect != "sqlite":
+                    query = query.with_for_update()
+                for key, version in await connection.execute(query):
+                    versions[(namespace, key)] = version
+        return versions
+
+    def _key_in(self, keys: Sequence[str]) -> Any:
+        """``key IN (...)``; on PostgreSQL ``key = ANY(:array)``, which the planner handles
+        with the index however many keys there are."""
+        if self.dialect == "postgresql":
+            return _C.key == any_(bindparam("keys", list(keys), type_=ARRAY(String)))
+        return _C.key.in_(keys)
+
+    def _upsert_statement(self) -> Any:
+        columns = ("codec", "data", "version", "data_version", "touched_at", "expires_at")
+        if self.dialect == "postgresql":
+            stmt = postgresql.insert(_TABLE)
+            return stmt.on_conflict_do_update(
+                index_elements=[_C.namespace, _C.key],
+                set_={name: stmt.excluded[name] for name in columns},
+            )
+        if self.dialect == "sqlite":
+            lite = sqlite.insert(_TABLE)
+            return lite.on_conflict_do_update(
+                index_elements=[_C.namespace, _C.key],
+                set_={name: lite.excluded[name] for name in columns},
+            )
+        my = mysql.insert(_TABLE)
+        return my.on_duplicate_key_update({name: my.inserted[name] for name in columns})
+
+    async def touch(self, namespace: str, keys: Sequence[str], expires_at: float | None) -> None:
+        """Set ``touched_at`` to now and ``expires_at`` of ``keys`` (a load with a ttl)."""
+        now = self.clock()
+        async with self.connect(f"Refreshing the expiry of {namespace}") as connection:
+            for chunk in _chunks(keys):
+                await connection.execute(
+                    update(_TABLE)
+                    .where(_C.namespace == namespace, self._key_in(chunk))
+                    .values(touched_at=now, expires_at=expires_at)
+                )
+
+    async def touch_namespace(self, namespace: str, expires_at: float) -> None:
+        """Set ``expires_at`` of every unexpired row of ``namespace`` (an eager load)."""
+        now = self.clock()
+        async with self.connect(f"Refreshing the expiry of {namespace}") as connection:
+            await connection.execute(
+                update(_TABLE)
+                .where(
+                    _C.namespace == namespace,
+                    (_C.expires_at.is_(None)) | (_C.expires_at >= now),
+                )
+                .values(touched_at=now, expires_at=expires_at)
+            )
+
+    async def delete_if_expired(self, namespace: str, key: str) -> bool:
+        """Delete the row of ``key`` if it has expired. Whether it was deleted."""
+        now = self.clock()
+        async with self.connect(f"Deleting the expired {namespace}[{key!r}]") as connection:
+            result = await connection.execute(
+                delete(_TABLE).where(
+                    _C.namespace == namespace, _C.key == key, _C.expires_at < now
+                )
+            )
+        return bool(result.rowcount)
+
+    async def purge_expired(self, namespace: str | None = None) -> int:
+        """Delete every expired row (uses the index on ``expires_at``). Returns the count."""
+        now = self.clock()
+        query = delete(_TABLE).where(_C.expires_at < now)
+        if namespace is not None:
+            query = query.where(_C.namespace == namespace)
+        async with self.connect("Deleting expired rows") as connection:
+            result = await connection.execute(query)
+        return int(result.rowcount or 0)
+
+    async def move_keys(
+        self, moves: Sequence[tuple[str, str, str]]
+    ) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+        """Rename rows ``(namespace, old_key, new_key)`` in one transaction. A row whose new key
+        already exists is left where it is.
+
+        Returns:
+            The moves done and the moves skipped because the new key was taken.
+        """
+        done: list[tuple[str, str, str]] = []
+        skipped: list[tuple[str, str, str]] = []
+        if not moves:
+            return done, skipped
+        async with self.connect(f"Moving {len(moves)} rows") as connection:
+            for namespace, old, new in moves:
+                taken = (
+                    await connection.execute(
+                        select(_C.version).where(_C.namespace == namespace, _C.key == new)
+                    )
+                ).first()
+                if taken is not None:
+                    skipped.append((namespace, old, new))
+                    continue
+                result = await connection.execute(
+                    update(_TABLE)
+                    .where(_C.namespace == namespace, _C.key == old)
+                    .values(key=new, version=_C.version + 1)
+                )
+                if result.rowcount:
+                    done.append((namespace, old, new))
+        return done, skipped
+
+    async def keys_like(self, namespace: str, patterns: Sequence[str]) -> list[str]:
+        """Keys of ``namespace`` equal to or starting with any of ``patterns`` (prefix match)."""
+        found: set[str] = set()
+        async with self.connect(f"Searching {namespace}") as connection:
+            for pattern in patterns:
+                escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                result = await connection.execute(
+                    select(_C.key).where(
+                        _C.namespace == namespace,
+                        _C.key.like(escaped + "%", escape="\\"),
+                    )
+                )
+                found.update(row[0] for row in result)
+        return sorted(found)
+
+    async def stats(self) -> list[tuple[str, int, int, int]]:
+        """``(namespace, rows, bytes, expired rows)`` per namespace."""
+        from sqlalchemy import case, func
+
+        now = self.clock()
+        async with self.connect("Counting rows") as connection:
+            result = await connection.execute(
+                select(
+                    _C.namespace,
+                    func.count(),
+                    func.coalesce(func.sum(func.length(_C.data)), 0),
+                    func.coalesce(func.sum(case((_C.expires_at < now, 1), else_=0)), 0),
+                )
+                .group_by(_C.namespace)
+                .order_by(_C.namespace)
+            )
+            return [(ns, int(n), int(b), int(e)) for ns, n, b, e in result]
+
+    # -- database row locks (several processes) ------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def row_lock(self, namespace: str, key: str, timeout: float = 60) -> AsyncIterator[None]:
+        """Hold a database lock on ``(namespace, key)`` across processes until exit.
+
+        PostgreSQL uses a transaction-level advisory lock, MariaDB/MySQL ``GET_LOCK``; both
+        lock the key whether or not its row exists. SQLite has one writer at a time and a
+        single process in practice: nothing is locked there.
+        """
+        if self.dialect == "sqlite":
+            yield
+            return
+        await self.ensure_schema()
+        name = f"ptb_sessions:{namespace}:{key}"
+        try:
+            connection = await self.engine.connect()
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.error(exc, f"Locking {namespace}[{key!r}]") from exc
+        try:
+            try:
+                if self.dialect == "postgresql":
+                    await connection.begin()
+                    lock_id = zlib.crc32(name.encode()) | (zlib.adler32(name.encode()) << 32)
+                    lock_id -= 1 << 63  # into bigint's signed range
+                    await connection.execute(
+                        text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id}
+                    )
+                else:
+                    # GET_LOCK names are limited to 64 characters.
+                    digest = f"ptb_sessions:{zlib.crc32(name.encode()):08x}{len(name):04x}"
+                    digest += f"{zlib.adler32(name.encode()):08x}"
+                    got = (
+                        await connection.execute(
+                            text("SELECT GET_LOCK(:name, :timeout)"),
+                            {"name": digest, "timeout": int(timeout)},
+                        )
+                    ).scalar()
+                    if got != 1:
+                        raise StorageError(
+                            f"Could not lock {namespace}[{key!r}] within {timeout} s on "
+                            f"{self.masked_url}"
+                        )
+            except SQLAlchemyError as exc:
+                raise self.error(exc, f"Locking {namespace}[{key!r}]") from exc
+            yield
+        finally:
+            try:
+                if self.dialect == "postgresql":
+                    await connection.rollback()
+                else:
+                    await connection.execute(text("SELECT RELEASE_ALL_LOCKS()"))
+                    await connection.commit()
+            except (SQLAlchemyError, OSError):
+                _LOGGER.debug("Releasing the lock of %s[%r] failed", namespace, key, exc_info=True)
+            finally:
+                await connection.close()
+
+
+_RECORD_COLUMNS = (
+    _C.codec,
+    _C.data,
+    _C.version,
+    _C.data_version,
+    _C.touched_at,
+    _C.expires_at,
+)
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling is off; _sqlite_on_begin starts every transaction
+    # with BEGIN IMMEDIATE, so a read-then-write transaction never fails halfway on a lock.
+    dbapi_connection.isolation_level = None
+    # WAL lets readers and the writer work side by side; NORMAL sync is durable in WAL mode
+    # across application crashes (only a power loss can drop the last commits).
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

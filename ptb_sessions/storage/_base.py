@@ -1,0 +1,156 @@
+"""The storage adapter protocol and the versioning contract of storages that keep versions."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from ptb_sessions._errors import ConflictError
+
+__all__ = ["MAX_READ_VERSIONS", "ReadVersions", "StorageAdapter", "conflict_error"]
+
+V = TypeVar("V")
+
+MAX_READ_VERSIONS = 100_000
+"""How many keys a :class:`ReadVersions` remembers before it drops the least recently read."""
+
+
+@runtime_checkable
+class StorageAdapter(Protocol):
+    """Where sessions live: the grammY ``StorageAdapter`` for Python.
+
+    Any object with these three coroutine methods is a storage adapter, e.g.::
+
+        class DictStorage:
+            def __init__(self) -> None:
+                self.data: dict[str, Any] = {}
+
+            async def read(self, key: str) -> Any | None:
+                return self.data.get(key)
+
+            async def write(self, key: str, value: Any) -> None:
+                self.data[key] = value
+
+            async def delete(self, key: str) -> None:
+                self.data.pop(key, None)
+
+    .. rubric:: Optional methods
+
+    An adapter may also offer these; ptb-sessions uses them when present (check with
+    :func:`hasattr`), the session middleware itself never needs them:
+
+    * ``async has(key: str) -> bool``: whether a (non-expired) value is stored for ``key``.
+    * ``keys() -> AsyncIterator[str]``: the stored keys.
+    * ``items() -> AsyncIterator[tuple[str, Any]]``: the stored ``(key, value)`` pairs.
+    * ``lock(key: str) -> AbstractAsyncContextManager[Any]``: a lock on ``key`` held from load
+      to save with ``lock="database"`` (e.g. a row lock).
+
+    .. rubric:: Storages that keep versions
+
+    A storage that *keeps versions* (:class:`~ptb_sessions.MemoryStorage`,
+    :class:`~ptb_sessions.SQLAlchemyStorage`) turns a lost update into a
+    :class:`~ptb_sessions.ConflictError`:
+
+    * Each stored value has a version; every successful :meth:`write` gives the key a new
+      version. Versions of a key never repeat, not even after a :meth:`delete` (use a
+      storage-wide counter or a random token, not "previous + 1 starting from 1"), so a delete
+      and a rewrite between a read and a write are detected.
+    * The storage remembers, per key, the version that :meth:`read` last returned in this
+      process, *including* "nothing stored" (see :class:`ReadVersions`: bounded, least recently
+      read keys are dropped). :meth:`write` and :meth:`delete` forget it.
+    * :meth:`write` and :meth:`delete` of a key with a remembered version succeed only if the
+      stored version still equals it ("nothing stored" must still be nothing stored); otherwise
+      they raise :class:`~ptb_sessions.ConflictError` naming the key, and nothing is changed.
+      Deleting a key that was read as absent and is still absent is a no-op.
+    * With no remembered version (the key was never read, or was forgotten, e.g. a lazy session
+      assigned without reading), the write or delete is unconditional.
+    * Iterating with ``keys()``/``items()`` and :meth:`has` remember nothing.
+
+    :class:`~ptb_sessions.SessionHandler` serializes read -> write per (storage, key) inside a
+    process, so remembering one version per key is enough.
+    """
+
+    async def read(self, key: str) -> Any | None:
+        """Return the value stored for ``key``, or :obj:`None` if there is none (or it expired).
+
+        Args:
+            key (:obj:`str`): The session key, including any prefix.
+        """
+
+    async def write(self, key: str, value: Any) -> None:
+        """Store ``value`` for ``key``, replacing any stored value.
+
+        Args:
+            key (:obj:`str`): The session key, including any prefix.
+            value (:obj:`object`): The value.
+        """
+
+    async def delete(self, key: str) -> None:
+        """Remove the value stored for ``key``; nothing happens if there is none.
+
+        Args:
+            key (:obj:`str`): The session key, including any prefix.
+        """
+
+
+class ReadVersions(Generic[V]):
+    """The per-key versions that a storage keeping versions last returned from ``read()``.
+
+    Bounded: at most ``maxsize`` keys, the least recently read is dropped first (its next write
+    is then unconditional). A remembered version of :obj:`None` means "read found nothing".
+
+    Args:
+        maxsize (:obj:`int`, optional): How many keys to remember. Defaults to
+            :data:`MAX_READ_VERSIONS`.
+    """
+
+    __slots__ = ("_maxsize", "_versions")
+
+    def __init__(self, maxsize: int = MAX_READ_VERSIONS) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be at least 1, not {maxsize}")
+        self._maxsize = maxsize
+        self._versions: OrderedDict[str, V | None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._versions)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._versions
+
+    def remember(self, key: str, version: V | None) -> None:
+        """Remember that ``read(key)`` returned ``version`` (:obj:`None`: nothing stored)."""
+        self._versions[key] = version
+        self._versions.move_to_end(key)
+        if len(self._versions) > self._maxsize:
+            self._versions.popitem(last=False)
+
+    def pop(self, key: str) -> tuple[bool, V | None]:
+        """Forget ``key``.
+
+        Returns:
+            tuple[:obj:`bool`, version | :obj:`None`]: ``(True, version)`` if a version was
+            remembered (:obj:`None`: the read found nothing), else ``(False, None)``.
+        """
+        if key in self._versions:
+            return True, self._versions.pop(key)
+        return False, None
+
+    def clear(self) -> None:
+        """Forget every key."""
+        self._versions.clear()
+
+
+def conflict_error(key: str, where: str = "") -> ConflictError:
+    """The :class:`~ptb_sessions.ConflictError` of a storage that keeps versions: another writer
+    changed ``key`` since it was read.
+
+    Args:
+        key (:obj:`str`): The key.
+        where (:obj:`str`, optional): Where the key lives, e.g. ``"namespace 'session'"``.
+    """
+    place = f" in {where}" if where else ""
+    return ConflictError(
+        f"Session key {key!r}{place} was changed by another writer since it was read; nothing "
+        "was overwritten. Read it again and redo the change."
+    )
