@@ -5,6 +5,7 @@ conversation states one row per key in any database SQLAlchemy speaks, and
 :class:`SessionHandler` brings grammY's sessions to PTB as ``context.session``.
 """
 
+from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
 from ptb_sessions._errors import (
     ConflictError,
     MigrationError,
@@ -14,15 +15,33 @@ from ptb_sessions._errors import (
     SessionKeyError,
     StorageError,
 )
+from ptb_sessions._keys import by_chat, by_chat_and_thread, by_user, by_user_and_chat
+from ptb_sessions._sqlalchemypersistence import SQLAlchemyPersistence
+from ptb_sessions._updateprocessor import SequentialUpdateProcessor
+from ptb_sessions.storage import MemoryStorage, StorageAdapter, enhance_storage
+from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
 
 __all__ = [
+    "Codec",
     "ConflictError",
+    "JSONCodec",
+    "MemoryStorage",
     "MigrationError",
     "PTBSessionsError",
+    "PickleCodec",
+    "SQLAlchemyPersistence",
+    "SQLAlchemyStorage",
     "SchemaError",
+    "SequentialUpdateProcessor",
     "SerializationError",
     "SessionKeyError",
+    "StorageAdapter",
     "StorageError",
+    "by_chat",
+    "by_chat_and_thread",
+    "by_user",
+    "by_user_and_chat",
+    "enhance_storage",
 ]
 
 __version__ = "0.1.0"

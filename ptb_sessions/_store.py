@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -21,7 +22,7 @@ from sqlalchemy import String, any_, bindparam, delete, event, select, text, upd
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ptb_sessions import _alembic
@@ -37,6 +38,8 @@ _C = _TABLE.c
 
 #: ``Write.expected_version`` that skips the version check (a blind write).
 ANY_VERSION: Final = -1
+#: How often a transaction that lost a deadlock to another process is tried again.
+_DEADLOCK_RETRIES: Final = 5
 #: How many keys go into one ``IN (...)`` list.
 _CHUNK: Final = 500
 
@@ -234,12 +237,17 @@ class Database:
             self._ready = True
 
     @contextlib.asynccontextmanager
-    async def connect(self, what: str) -> AsyncIterator[AsyncConnection]:
-        """A connection in a transaction, committed at the end; errors become StorageError."""
+    async def connect(self, what: str, *, read_only: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A connection in a transaction, committed at the end; errors become StorageError.
+        On SQLite a write transaction takes the write lock at its start (``BEGIN IMMEDIATE``)
+        and a ``read_only`` one does not."""
         await self.ensure_schema()
         try:
-            async with self.engine.begin() as connection:
-                yield connection
+            async with self.engine.connect() as connection:
+                if read_only:
+                    await connection.execution_options(ptb_sessions_read_only=True)
+                async with connection.begin():
+                    yield connection
         except (SQLAlchemyError, OSError) as exc:
             raise self.error(exc, what) from exc
 
@@ -247,7 +255,7 @@ class Database:
 
     async def get(self, namespace: str, key: str) -> Record | None:
         """The row of ``key`` in ``namespace``, or :obj:`None`."""
-        async with self.connect(f"Reading {namespace}[{key!r}]") as connection:
+        async with self.connect(f"Reading {namespace}[{key!r}]", read_only=True) as connection:
             row = (
                 await connection.execute(
                     select(*_RECORD_COLUMNS).where(_C.namespace == namespace, _C.key == key)
@@ -258,7 +266,7 @@ class Database:
     async def get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, Record]:
         """The rows of ``keys`` that exist in ``namespace``."""
         found: dict[str, Record] = {}
-        async with self.connect(f"Reading {len(keys)} keys of {namespace}") as connection:
+        async with self.connect(f"Reading {len(keys)} keys of {namespace}", read_only=True) as connection:
             for chunk in _chunks(keys):
                 result = await connection.execute(
                     select(_C.key, *_RECORD_COLUMNS).where(
@@ -280,7 +288,7 @@ class Database:
             if last is not None:
                 query = query.where(_C.key > last)
             query = query.order_by(_C.key).limit(batch_size)
-            async with self.connect(f"Reading {namespace}") as connection:
+            async with self.connect(f"Reading {namespace}", read_only=True) as connection:
                 rows = (await connection.execute(query)).all()
             for key, *rest in rows:
                 yield key, Record(*rest)
@@ -314,8 +322,14 @@ class Database:
         if not writes:
             return {}
         try:
-            async with self.connect(f"Writing {len(writes)} rows") as connection:
-                return await self._apply(connection, writes)
+            for attempt in range(_DEADLOCK_RETRIES):
+                try:
+                    async with self.connect(f"Writing {len(writes)} rows") as connection:
+                        return await self._apply(connection, writes)
+                except StorageError as exc:
+                    if attempt + 1 == _DEADLOCK_RETRIES or not _is_deadlock(exc.__cause__):
+                        raise
+                    await asyncio.sleep(0.01 * (attempt + 1))
         except StorageError as exc:
             if len(writes) == 1 or self.is_connection_error(exc.__cause__ or exc):
                 if len(writes) == 1:
@@ -357,7 +371,7 @@ class Database:
                     deletes.setdefault(write.namespace, []).append(write.key)
                 write.new_version = None
                 continue
-            write.new_version = (stored or 0) + 1
+            write.new_version = new_version() if stored is None else stored + 1
             upserts.append(
                 {
                     "namespace": write.namespace,
@@ -398,6 +412,74 @@ class Database:
                 for key, version in await connection.execute(query):
                     versions[(namespace, key)] = version
         return versions
+
+    async def write_one(self, write: Write) -> None:
+        """Apply one write in its own transaction, with a single statement: a conditional
+        ``UPDATE``/``DELETE`` (version check) or an ``INSERT`` (nothing stored expected), or
+        an upsert/delete without a check. Sets ``write.new_version`` (:obj:`None` when
+        unknown, after an unchecked write, or deleted).
+
+        Raises:
+            ConflictError: The stored version is not ``write.expected_version``.
+            StorageError: The database failed.
+        """
+        ns, key, expected = write.namespace, write.key, write.expected_version
+        where = (_C.namespace == ns) & (_C.key == key)
+        values = {
+            "codec": write.codec,
+            "data": write.data,
+            "data_version": write.data_version,
+            "touched_at": self.clock(),
+            "expires_at": write.expires_at,
+        }
+        conflict = False
+        async with self.connect(f"Writing {ns}[{key!r}]") as connection:
+            if write.data is None:
+                write.new_version = None
+                if expected == ANY_VERSION:
+                    await connection.execute(delete(_TABLE).where(where))
+                elif expected is None:
+                    row = (await connection.execute(select(_C.version).where(where))).first()
+                    conflict = row is not None
+                else:
+                    result = await connection.execute(
+                        delete(_TABLE).where(where, _C.version == expected)
+                    )
+                    conflict = not result.rowcount
+            elif expected is None:
+                write.new_version = new_version()
+                try:
+                    async with connection.begin_nested():
+                        await connection.execute(
+                            _TABLE.insert().values(
+                                namespace=ns, key=key, version=write.new_version, **values
+                            )
+                        )
+                except IntegrityError:
+                    conflict = True
+            elif expected == ANY_VERSION:
+                write.new_version = None
+                result = await connection.execute(
+                    update(_TABLE).where(where).values(version=_C.version + 1, **values)
+                )
+                if not result.rowcount:
+                    await connection.execute(
+                        self._upsert_statement(),
+                        [{"namespace": ns, "key": key, "version": new_version(), **values}],
+                    )
+            else:
+                write.new_version = expected + 1
+                result = await connection.execute(
+                    update(_TABLE)
+                    .where(where, _C.version == expected)
+                    .values(version=write.new_version, **values)
+                )
+                conflict = not result.rowcount
+        if conflict:
+            raise ConflictError(
+                f"{ns}[{key!r}] was changed by another writer since it was read; nothing was "
+                "overwritten. Read it again and redo the change."
+            )
 
     def _key_in(self, keys: Sequence[str]) -> Any:
         """``key IN (...)``; on PostgreSQL ``key = ANY(:array)``, which the planner handles
@@ -601,6 +683,12 @@ _RECORD_COLUMNS = (
     _C.expires_at,
 )
 
+def _is_deadlock(exc: BaseException | None) -> bool:
+    """Whether the database aborted the transaction to resolve a deadlock (try it again)."""
+    message = str(getattr(exc, "orig", exc)).lower()
+    return "deadlock" in message or "could not serialize" in message
+
+
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # The driver's own transaction handling is off; _sqlite_on_begin starts every transaction
     # with BEGIN IMMEDIATE, so a read-then-write transaction never fails halfway on a lock.
@@ -616,4 +704,11 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    read_only = connection.get_execution_options().get("ptb_sessions_read_only")
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def new_version() -> int:
+    """The version of a newly inserted row: random, so that a key deleted and written again
+    between another writer's read and write never shows that writer its old version."""
+    return secrets.randbelow(1 << 29) + 1

@@ -1,0 +1,80 @@
+"""A TCP proxy on loopback that a test can cut and restore: a real network outage between the
+bot and its database server, without stopping the server for the other tests."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from contextlib import suppress
+
+
+class OutageProxy:
+    """Forwards ``127.0.0.1:<port>`` to ``target``. :meth:`cut` closes every open connection
+    and refuses new ones until :meth:`restore`."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._up = True
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._call(self._start())
+
+    def _call(self, coro):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(Exception):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        with suppress(Exception):
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self._up:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+    async def _cut(self) -> None:
+        self._up = False
+        for writer in list(self._writers):
+            with suppress(Exception):
+                writer.transport.abort()
+        self._writers.clear()
+
+    async def _restore(self) -> None:
+        self._up = True
+
+    def cut(self) -> None:
+        """Drop every connection and refuse new ones."""
+        self._call(self._cut())
+
+    def restore(self) -> None:
+        """Accept connections again."""
+        self._call(self._restore())
+
+    def close(self) -> None:
+        self._call(self._cut())
+        if self._server is not None:
+            self._server.close()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
