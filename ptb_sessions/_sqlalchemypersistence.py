@@ -164,6 +164,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         "_callback_state",
         "_chats",
         "_conversations",
+        "_migration_lock",
         "_migrations",
         "_pending",
         "_ttl",
@@ -218,6 +219,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         self._conversations: dict[str, dict[str, tuple[int | None, int | None]]] = {}
         self._pending: dict[tuple[str, str], Write] = {}
         self._write_lock = asyncio.Lock()
+        self._migration_lock = asyncio.Lock()
         self._batch_task: asyncio.Task[tuple[dict[tuple[str, str], StorageError], StorageError | None]] | None = None
         self._app: Application[Any, Any, Any, Any, Any, Any] | None = None
 

@@ -582,20 +582,16 @@ class Database:
                     done.append((namespace, old, new))
         return done, skipped
 
-    async def keys_like(self, namespace: str, patterns: Sequence[str]) -> list[str]:
-        """Keys of ``namespace`` equal to or starting with any of ``patterns`` (prefix match)."""
-        found: set[str] = set()
-        async with self.connect(f"Searching {namespace}") as connection:
-            for pattern in patterns:
-                escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-                result = await connection.execute(
-                    select(_C.key).where(
-                        _C.namespace == namespace,
-                        _C.key.like(escaped + "%", escape="\\"),
-                    )
+    async def keys_containing(self, namespace: str, part: str) -> list[str]:
+        """The keys of ``namespace`` that contain ``part`` (a scan: for rare maintenance)."""
+        escaped = part.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+        async with self.connect(f"Searching {namespace}", read_only=True) as connection:
+            result = await connection.execute(
+                select(_C.key).where(
+                    _C.namespace == namespace, _C.key.like(f"%{escaped}%", escape="!")
                 )
-                found.update(row[0] for row in result)
-        return sorted(found)
+            )
+            return sorted(row[0] for row in result)
 
     async def stats(self) -> list[tuple[str, int, int, int]]:
         """``(namespace, rows, bytes, expired rows)`` per namespace."""

@@ -1,0 +1,201 @@
+"""SQLAlchemyPersistence at scale: lazy loading and its traps, max_cached, ttl, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from _bot import builder, message_update, process
+from sqlalchemy import event, update
+from telegram import Update
+from telegram.ext import Application, ContextTypes, MessageHandler, filters
+
+from ptb_sessions import MigrationError, SQLAlchemyPersistence, StorageError
+from ptb_sessions._schema import StoredRow
+from ptb_sessions._store import Write
+
+TABLE = StoredRow.__table__
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def store_chats(url: str, chats: dict[int, Any], **kwargs: Any) -> None:
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(url, **kwargs)
+    await persistence.get_chat_data()
+    await asyncio.gather(*(persistence.update_chat_data(k, v) for k, v in chats.items()))
+    await persistence.flush()
+
+
+async def stored_chats(url: str, **kwargs: Any) -> dict[int, Any]:
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(url, **kwargs)
+    try:
+        return await persistence.get_chat_data()
+    finally:
+        await persistence.flush()
+
+
+def counting_app(persistence: SQLAlchemyPersistence) -> tuple[Application, list[BaseException]]:  # type: ignore[type-arg]
+    app = builder().persistence(persistence).build()
+    errors: list[BaseException] = []
+
+    async def count(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        context.chat_data["n"] = context.chat_data.get("n", 0) + 1  # type: ignore[union-attr]
+
+    async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        assert context.error is not None
+        errors.append(context.error)
+
+    app.add_handler(MessageHandler(filters.ALL, count))
+    app.add_error_handler(on_error)
+    return app, errors
+
+
+async def test_lazy_start_reads_no_chat_row(db_url: str) -> None:
+    writer: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    await writer.database.apply(
+        [Write("chat_data", str(chat), f'{{"n":{chat}}}', expected_version=None) for chat in range(1, 100_001)]
+    )
+    await writer.flush()
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True)
+    app, errors = counting_app(persistence)
+    statements: list[tuple[str, Any]] = []
+    await persistence.database.ensure_schema()
+    event.listen(
+        persistence.database.engine.sync_engine,
+        "before_cursor_execute",
+        lambda conn, cur, statement, params, ctx, many: statements.append((statement, params)),
+    )
+    async with app:
+        assert len(app.chat_data) == 0
+        reads_of_chats = [s for s in statements if "chat_data" in repr(s[1])]
+        assert reads_of_chats == []
+        assert statements, "the bot data was read, so statements are counted"
+        await process(app, message_update(77_777))
+        assert app.chat_data[77_777] == {"n": 77_778}
+        assert len(app.chat_data) == 1
+    assert errors == []
+
+
+async def test_max_cached_bounds_memory_and_evicted_chats_come_back(db_url: str) -> None:
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, max_cached=1000)
+    app, errors = counting_app(persistence)
+    async with app:
+        for start in range(1, 10_001, 1000):
+            await process(app, *(message_update(chat) for chat in range(start, start + 1000)))
+            await app.update_persistence()
+        assert len(app.chat_data) <= 1000
+        evicted = set(range(1, 10_001)) - set(app.chat_data)
+        assert len(evicted) >= 9000
+        await process(app, message_update(5))
+        assert 5 in evicted and app.chat_data[5] == {"n": 2}
+    stored = await stored_chats(db_url)
+    assert len(stored) == 10_000
+    assert all(stored[chat] == {"n": 1} for chat in evicted if chat != 5)
+    assert stored[5] == {"n": 2}
+    assert errors == []
+
+
+async def test_lazy_never_writes_a_chat_it_did_not_load(db_url: str) -> None:
+    await store_chats(db_url, {5: {"n": 1, "name": "five"}, 6: {"n": 6}})
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True)
+    app = builder().persistence(persistence).build()
+
+    async def poke_other_chats(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        # chat 5: changed from another chat's handler, never loaded here
+        context.application.chat_data[5]["extra"] = True  # type: ignore[index]
+        context.application.mark_data_for_update_persistence(chat_ids=[5, 6])
+
+    app.add_handler(MessageHandler(filters.ALL, poke_other_chats))
+    async with app:
+        await process(app, message_update(1))
+        await app.update_persistence()
+        # chat 6 was only marked: the persistence loaded it before writing, so it is intact
+        assert app.chat_data[5] == {"n": 1, "name": "five", "extra": True}
+    assert await stored_chats(db_url) == {5: {"n": 1, "name": "five", "extra": True}, 6: {"n": 6}}
+
+
+async def test_failed_refresh_never_writes_empty_data(db_url: str) -> None:
+    await store_chats(db_url, {5: {"n": 5}})
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True)
+    async with persistence.database.connect("corrupting") as connection:
+        await connection.execute(
+            update(TABLE).where(TABLE.c.namespace == "chat_data", TABLE.c.key == "5").values(data="{")
+        )
+    app, errors = counting_app(persistence)
+
+    async def later_group(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        context.chat_data["late"] = True  # type: ignore[index]
+
+    app.add_handler(MessageHandler(filters.ALL, later_group), group=1)
+    async with app:
+        await process(app, message_update(5))
+        await app.update_persistence()
+        await asyncio.sleep(0.05)
+    assert any("chat_data['5']" in str(e) and isinstance(e, StorageError) for e in errors), errors
+    check: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    record = await check.database.get("chat_data", "5")
+    await check.flush()
+    assert record is not None and record.data == "{"
+
+
+async def test_drop_then_update_before_the_flush_does_not_resurrect(db_url: str) -> None:
+    await store_chats(db_url, {5: {"n": 5}})
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True)
+    app, errors = counting_app(persistence)
+    async with app:
+        await process(app, message_update(5))
+        assert app.chat_data[5] == {"n": 6}
+        app.drop_chat_data(5)
+        await process(app, message_update(5))
+        assert app.chat_data[5] == {"n": 1}, "the dropped data came back"
+        await app.update_persistence()
+    assert 5 not in await stored_chats(db_url)
+    assert errors == []
+
+
+async def test_ttl_expires_idle_chats_and_loads_refresh_it(db_url: str) -> None:
+    clock = Clock()
+    await store_chats(db_url, {1: {"n": 1}, 2: {"n": 2}, 3: {"n": 3}}, ttl=100, clock=clock)
+    clock.now += 60
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, ttl=100, clock=clock)
+    app, _ = counting_app(persistence)
+    async with app:
+        await process(app, message_update(1))  # loaded (and written): alive for 100 s more
+    clock.now += 60  # chat 2 and 3: 120 s idle
+    persistence2: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, ttl=100, clock=clock)
+    app2, _ = counting_app(persistence2)
+    async with app2:
+        await process(app2, message_update(2))
+        assert app2.chat_data[2] == {"n": 1}, "an expired chat starts empty"
+        assert await persistence2.purge_expired() == 1  # chat 3
+    assert await stored_chats(db_url, ttl=100, clock=clock) == {1: {"n": 2}, 2: {"n": 1}}
+
+
+async def test_data_migrations_on_chat_data(db_url: str) -> None:
+    await store_chats(db_url, {1: {"n": 1}})
+    migrations = {1: lambda d: {**d, "pets": []}, 2.5: lambda d: {**d, "n": d["n"] * 10}}
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, migrations=migrations)
+    app, _ = counting_app(persistence)
+    async with app:
+        await process(app, message_update(1))
+        assert app.chat_data[1] == {"n": 11, "pets": []}
+    record_persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    record = await record_persistence.database.get("chat_data", "1")
+    await record_persistence.flush()
+    assert record is not None and record.data_version == 2.5
+    # Migrated once: loading again with the same migrations changes nothing.
+    assert await stored_chats(db_url, migrations=migrations) == {1: {"n": 11, "pets": []}}
+    # Data newer than the newest known migration is never loaded as if it were older.
+    persistence3: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, migrations={1: dict})
+    app3, errors = counting_app(persistence3)
+    async with app3:
+        await process(app3, message_update(1))
+        await app3.update_persistence()
+    assert any(isinstance(e, MigrationError) for e in errors)
+    assert await stored_chats(db_url) == {1: {"n": 11, "pets": []}}
