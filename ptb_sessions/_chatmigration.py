@@ -33,7 +33,7 @@ def _session_moves(
             rf"^(?P<p>{re.escape(prefix)})(?:(?P<chat>{re.escape(old)})(?P<thread>/\d+)?"
             rf"|(?P<user>\d+)/{re.escape(old)})$"
         )
-        for prefix in sorted(set(prefixes), key=len, reverse=True)
+        for prefix in sorted({"", *prefixes}, key=len, reverse=True)
     ]
     for key in keys:
         for pattern in patterns:
@@ -120,7 +120,7 @@ def _move_in_memory(
 
 
 class ChatMigrationHandler(BaseHandler[Update, CCT, None]):
-    """Moves all data of a group to its new supergroup id when Telegram migrates it.
+    r"""Moves all data of a group to its new supergroup id when Telegram migrates it.
 
     Reacts to both service messages (``migrate_to_chat_id`` in the old group and
     ``migrate_from_chat_id`` in the new supergroup); either order, and duplicates, give the
@@ -136,16 +136,23 @@ class ChatMigrationHandler(BaseHandler[Update, CCT, None]):
 
     Args:
         persistence: The application's :class:`~ptb_sessions.SQLAlchemyPersistence`.
+        prefixes: Key prefixes of session rows to move besides those of the application's
+            :class:`~ptb_sessions.SessionHandler`\ s (e.g. sessions of another process).
         block: Whether the application waits for the migration before the next handlers.
     """
 
-    __slots__ = ("persistence",)
+    __slots__ = ("persistence", "prefixes")
 
     def __init__(
-        self, persistence: SQLAlchemyPersistence[Any, Any, Any], *, block: bool = True
+        self,
+        persistence: SQLAlchemyPersistence[Any, Any, Any],
+        *,
+        prefixes: Iterable[str] = (),
+        block: bool = True,
     ) -> None:
         super().__init__(self._migrate, block=block)
         self.persistence = persistence
+        self.prefixes = tuple(prefixes)
 
     def check_update(self, update: object) -> tuple[int, int] | None:
         """The ``(old, new)`` chat ids if ``update`` is a migration service message."""
@@ -169,7 +176,8 @@ class ChatMigrationHandler(BaseHandler[Update, CCT, None]):
         if self.persistence.application is None:
             self.persistence.bind_application(application)
         old, new = check_result
-        await self.persistence.migrate_chat(old, new, prefixes=tuple(session_prefixes(application)))
+        prefixes = session_prefixes(application).union(self.prefixes)
+        await self.persistence.migrate_chat(old, new, prefixes=tuple(prefixes))
 
     async def _migrate(self, update: Update, context: Any) -> None:  # pragma: no cover
         raise NotImplementedError  # handle_update does the work

@@ -565,6 +565,13 @@ class Database:
             return done, skipped
         async with self.connect(f"Moving {len(moves)} rows") as connection:
             for namespace, old, new in moves:
+                exists = (
+                    await connection.execute(
+                        select(_C.version).where(_C.namespace == namespace, _C.key == old)
+                    )
+                ).first()
+                if exists is None:
+                    continue
                 taken = (
                     await connection.execute(
                         select(_C.version).where(_C.namespace == namespace, _C.key == new)
