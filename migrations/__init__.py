@@ -1,1 +1,2 @@
-"""The alembic environment of ptb-sessions (shipped in the package as ``ptb_sessions.migrations``)."""
+"""The alembic environment of ptb-sessions, shipped in the package as
+``ptb_sessions.migrations``."""

@@ -23,7 +23,9 @@ def _url() -> str:
     return url or config.get_main_option("sqlalchemy.url") or "sqlite:///ptb_sessions.sqlite3"
 
 
-def _include_object(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+def _include_object(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
     # The database may hold other tables of the bot: only ours are compared.
     if type_ == "table":
         return name in (TABLE_NAME,)

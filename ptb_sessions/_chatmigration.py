@@ -60,14 +60,14 @@ async def migrate_chat(
 
     old, new = str(old_chat_id), str(new_chat_id)
     app = persistence.application
-    chats = persistence._chats  # noqa: SLF001
-    async with persistence._migration_lock:  # noqa: SLF001
-        live: dict[int, Any] | None = app._chat_data if app is not None else None  # noqa: SLF001
+    chats = persistence._chats
+    async with persistence._migration_lock:
+        live: dict[int, Any] | None = app._chat_data if app is not None else None
         # The old chat's newest data goes to the database first, so the move takes all of it.
         if live is not None and chats.loaded.get(old_chat_id) is not None:
             held = live.get(old_chat_id)
             if held is not None and held is chats.loaded[old_chat_id]:
-                await persistence._update(chats, old_chat_id, copy.deepcopy(held))  # noqa: SLF001
+                await persistence._update(chats, old_chat_id, copy.deepcopy(held))
         database = persistence.database
         moves = [("chat_data", old, new)]
         for namespace in await database.namespaces():
@@ -102,7 +102,7 @@ def _move_in_memory(
     new_chat_id: int,
     moved: bool,
 ) -> None:
-    chats = persistence._chats  # noqa: SLF001
+    chats = persistence._chats
     held_old = live.get(old_chat_id)
     held_new = live.get(new_chat_id)
     if held_new:
@@ -169,10 +169,11 @@ class ChatMigrationHandler(BaseHandler[Update, CCT, None]):
         self,
         update: Update,
         application: Application[Any, CCT, Any, Any, Any, Any],
-        check_result: tuple[int, int],
+        check_result: object,
         context: CCT,
     ) -> None:
         """Moves the data; called by the application."""
+        assert isinstance(check_result, tuple)
         if self.persistence.application is None:
             self.persistence.bind_application(application)
         old, new = check_result

@@ -49,10 +49,14 @@ class ExactString(TypeDecorator[str]):
     impl = String
     cache_ok = True
 
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.VARBINARY(self.impl_instance.length * 4))
-        return dialect.type_descriptor(String(self.impl_instance.length))
+            return dialect.type_descriptor(mysql.VARBINARY(self.length * 4))
+        return dialect.type_descriptor(String(self.length))
 
     def process_bind_param(self, value: str | None, dialect: Dialect) -> Any:
         if value is not None and dialect.name in ("mysql", "mariadb"):
@@ -73,7 +77,9 @@ class LongText(TypeDecorator[str]):
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
-            return dialect.type_descriptor(mysql.LONGTEXT(charset="utf8mb4", collation="utf8mb4_bin"))
+            return dialect.type_descriptor(
+                mysql.LONGTEXT(charset="utf8mb4", collation="utf8mb4_bin")
+            )
         return dialect.type_descriptor(Text())
 
 

@@ -85,7 +85,7 @@ def decode_record(codec: Codec, record: Record, namespace: str, key: str) -> Any
         if codec.name != "json":
             data = base64.b64decode(record.data.encode("ascii"), validate=True)
         return codec.decode(data)
-    except Exception as exc:  # noqa: BLE001 - any decoding failure is reported for this key
+    except Exception as exc:
         raise StorageError(
             f"The stored row of {where} cannot be decoded: {type(exc).__name__}: {exc}"
         ) from exc
@@ -220,7 +220,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         self._pending: dict[tuple[str, str], Write] = {}
         self._write_lock = asyncio.Lock()
         self._migration_lock = asyncio.Lock()
-        self._batch_task: asyncio.Task[tuple[dict[tuple[str, str], StorageError], StorageError | None]] | None = None
+        self._batch_task: (
+            asyncio.Task[tuple[dict[tuple[str, str], StorageError], StorageError | None]] | None
+        ) = None
         self._app: Application[Any, Any, Any, Any, Any, Any] | None = None
 
     def __repr__(self) -> str:
@@ -338,7 +340,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 value = self._decode_data(kind, item_id, record)
             except Exception:
                 kind.failed.add(item_id)
-                _LOGGER.exception("Skipping %s[%s]; it is not written until it loads", kind.name, key)
+                _LOGGER.exception(
+                    "Skipping %s[%s]; it is not written until it loads", kind.name, key
+                )
                 continue
             result[item_id] = value
             kind.loaded[item_id] = value
@@ -463,7 +467,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         value = decode_record(self.codec, record, "callback_data", _CALLBACK_KEY)
         self._callback_state = (record.version, hash(record.data))
         keyboards, queries = value
-        return [tuple(entry) for entry in keyboards], dict(queries)  # type: ignore[misc]
+        return [tuple(entry) for entry in keyboards], dict(queries)
 
     async def get_conversations(self, name: str) -> ConversationDict:
         """Called by :meth:`telegram.ext.Application.initialize` for each persistent
@@ -733,7 +737,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         assert self._app is not None
         return cast(
             "dict[int, Any]",
-            self._app._chat_data if kind is self._chats else self._app._user_data,  # noqa: SLF001
+            self._app._chat_data if kind is self._chats else self._app._user_data,
         )
 
     def _evict(self, kind: _Kind, keep: int | None = None) -> None:
@@ -746,9 +750,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if excess <= 0:
             return
         marked = (
-            self._app._chat_ids_to_be_updated_in_persistence  # noqa: SLF001
+            self._app._chat_ids_to_be_updated_in_persistence
             if kind is self._chats
-            else self._app._user_ids_to_be_updated_in_persistence  # noqa: SLF001
+            else self._app._user_ids_to_be_updated_in_persistence
         )
         for item_id in list(kind.loaded):
             if excess <= 0:

@@ -16,11 +16,11 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import String, any_, bindparam, delete, event, select, text, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import String, Table, any_, bindparam, delete, event, select, text, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -33,7 +33,7 @@ from ptb_sessions._url import mask_url, to_async_url
 __all__ = ["ANY_VERSION", "Database", "Record", "Write"]
 
 _LOGGER = logging.getLogger(__name__)
-_TABLE = StoredRow.__table__
+_TABLE: Table = cast(Table, StoredRow.__table__)
 _C = _TABLE.c
 
 #: ``Write.expected_version`` that skips the version check (a blind write).
@@ -185,9 +185,7 @@ class Database:
         url = self._url
         if url.password:
             reason = reason.replace(str(url.password), "***")
-        return StorageError(
-            f"{what} failed on {self.masked_url}: {type(exc).__name__}: {reason}"
-        )
+        return StorageError(f"{what} failed on {self.masked_url}: {type(exc).__name__}: {reason}")
 
     @staticmethod
     def is_connection_error(exc: BaseException) -> bool:
@@ -237,7 +235,9 @@ class Database:
             self._ready = True
 
     @contextlib.asynccontextmanager
-    async def connect(self, what: str, *, read_only: bool = False) -> AsyncIterator[AsyncConnection]:
+    async def connect(
+        self, what: str, *, read_only: bool = False
+    ) -> AsyncIterator[AsyncConnection]:
         """A connection in a transaction, committed at the end; errors become StorageError.
         On SQLite a write transaction takes the write lock at its start (``BEGIN IMMEDIATE``)
         and a ``read_only`` one does not."""
@@ -266,7 +266,9 @@ class Database:
     async def get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, Record]:
         """The rows of ``keys`` that exist in ``namespace``."""
         found: dict[str, Record] = {}
-        async with self.connect(f"Reading {len(keys)} keys of {namespace}", read_only=True) as connection:
+        async with self.connect(
+            f"Reading {len(keys)} keys of {namespace}", read_only=True
+        ) as connection:
             for chunk in _chunks(keys):
                 result = await connection.execute(
                     select(_C.key, *_RECORD_COLUMNS).where(
@@ -335,7 +337,9 @@ class Database:
                 if len(writes) == 1:
                     return {(writes[0].namespace, writes[0].key): exc}
                 raise
-            _LOGGER.warning("A batch of %d writes failed (%s); retrying one by one", len(writes), exc)
+            _LOGGER.warning(
+                "A batch of %d writes failed (%s); retrying one by one", len(writes), exc
+            )
         errors: dict[tuple[str, str], StorageError] = {}
         for write in writes:
             try:
@@ -534,9 +538,7 @@ class Database:
         now = self.clock()
         async with self.connect(f"Deleting the expired {namespace}[{key!r}]") as connection:
             result = await connection.execute(
-                delete(_TABLE).where(
-                    _C.namespace == namespace, _C.key == key, _C.expires_at < now
-                )
+                delete(_TABLE).where(_C.namespace == namespace, _C.key == key, _C.expires_at < now)
             )
         return bool(result.rowcount)
 
@@ -685,6 +687,7 @@ _RECORD_COLUMNS = (
     _C.touched_at,
     _C.expires_at,
 )
+
 
 def _is_deadlock(exc: BaseException | None) -> bool:
     """Whether the database aborted the transaction to resolve a deadlock (try it again)."""

@@ -67,7 +67,9 @@ EXPECTED_SESSIONS = {
 
 @pytest.mark.parametrize("order", ["to-then-from", "from-then-to", "new-chat-first"])
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
-async def test_migration_moves_everything_in_any_order(db_url: str, order: str, lazy: bool) -> None:
+async def test_migration_moves_everything_in_any_order(
+    db_url: str, order: str, lazy: bool
+) -> None:
     await prepare(db_url)
     app, _ = app_for(db_url, lazy=lazy)
     to_old, from_new = migrate_updates(OLD, NEW, user_id=USER)

@@ -59,7 +59,10 @@ def counting_app(persistence: SQLAlchemyPersistence) -> tuple[Application, list[
 async def test_lazy_start_reads_no_chat_row(db_url: str) -> None:
     writer: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
     await writer.database.apply(
-        [Write("chat_data", str(chat), f'{{"n":{chat}}}', expected_version=None) for chat in range(1, 100_001)]
+        [
+            Write("chat_data", str(chat), f'{{"n":{chat}}}', expected_version=None)
+            for chat in range(1, 100_001)
+        ]
     )
     await writer.flush()
     persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True)
@@ -125,7 +128,9 @@ async def test_failed_refresh_never_writes_empty_data(db_url: str) -> None:
     persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True)
     async with persistence.database.connect("corrupting") as connection:
         await connection.execute(
-            update(TABLE).where(TABLE.c.namespace == "chat_data", TABLE.c.key == "5").values(data="{")
+            update(TABLE)
+            .where(TABLE.c.namespace == "chat_data", TABLE.c.key == "5")
+            .values(data="{")
         )
     app, errors = counting_app(persistence)
 
@@ -163,12 +168,16 @@ async def test_ttl_expires_idle_chats_and_loads_refresh_it(db_url: str) -> None:
     clock = Clock()
     await store_chats(db_url, {1: {"n": 1}, 2: {"n": 2}, 3: {"n": 3}}, ttl=100, clock=clock)
     clock.now += 60
-    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, ttl=100, clock=clock)
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(
+        db_url, lazy=True, ttl=100, clock=clock
+    )
     app, _ = counting_app(persistence)
     async with app:
         await process(app, message_update(1))  # loaded (and written): alive for 100 s more
     clock.now += 60  # chat 2 and 3: 120 s idle
-    persistence2: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, ttl=100, clock=clock)
+    persistence2: SQLAlchemyPersistence = SQLAlchemyPersistence(
+        db_url, lazy=True, ttl=100, clock=clock
+    )
     app2, _ = counting_app(persistence2)
     async with app2:
         await process(app2, message_update(2))
@@ -180,7 +189,9 @@ async def test_ttl_expires_idle_chats_and_loads_refresh_it(db_url: str) -> None:
 async def test_data_migrations_on_chat_data(db_url: str) -> None:
     await store_chats(db_url, {1: {"n": 1}})
     migrations = {1: lambda d: {**d, "pets": []}, 2.5: lambda d: {**d, "n": d["n"] * 10}}
-    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, migrations=migrations)
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(
+        db_url, lazy=True, migrations=migrations
+    )
     app, _ = counting_app(persistence)
     async with app:
         await process(app, message_update(1))
@@ -192,7 +203,9 @@ async def test_data_migrations_on_chat_data(db_url: str) -> None:
     # Migrated once: loading again with the same migrations changes nothing.
     assert await stored_chats(db_url, migrations=migrations) == {1: {"n": 11, "pets": []}}
     # Data newer than the newest known migration is never loaded as if it were older.
-    persistence3: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, migrations={1: dict})
+    persistence3: SQLAlchemyPersistence = SQLAlchemyPersistence(
+        db_url, lazy=True, migrations={1: dict}
+    )
     app3, errors = counting_app(persistence3)
     async with app3:
         await process(app3, message_update(1))

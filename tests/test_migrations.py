@@ -69,7 +69,9 @@ async def test_auto_upgrade_creates_the_schema_and_autogenerate_finds_no_differe
             connection,
             opts={
                 "compare_type": True,
-                "include_object": lambda o, name, type_, r, c: type_ != "table" or name == TABLE_NAME,
+                "include_object": lambda o, name, type_, r, c: (
+                    type_ != "table" or name == TABLE_NAME
+                ),
             },
         )
         return compare_metadata(context, metadata)

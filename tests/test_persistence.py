@@ -25,13 +25,13 @@ from telegram.ext import (
     filters,
 )
 
-from ptb_sessions._schema import StoredRow
 from ptb_sessions import (
     SchemaError,
     SerializationError,
     SQLAlchemyPersistence,
     StorageError,
 )
+from ptb_sessions._schema import StoredRow
 
 TABLE = StoredRow.__table__
 RICH_VALUE = {
@@ -88,11 +88,19 @@ ASK, ANSWER = range(2)
 
 def restart_app(url: str) -> tuple[Application, OfflineRequest]:  # type: ignore[type-arg]
     request = OfflineRequest()
-    app = builder(request).persistence(SQLAlchemyPersistence(url)).arbitrary_callback_data(True).build()
+    app = (
+        builder(request)
+        .persistence(SQLAlchemyPersistence(url))
+        .arbitrary_callback_data(True)
+        .build()
+    )
 
     async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
         await update.effective_message.reply_text(  # type: ignore[union-attr]
-            "pick", reply_markup=InlineKeyboardMarkup([[InlineKeyboardButton("x", callback_data=("pick", 1))]])
+            "pick",
+            reply_markup=InlineKeyboardMarkup(
+                [[InlineKeyboardButton("x", callback_data=("pick", 1))]]
+            ),
         )
         return ASK
 
@@ -138,13 +146,13 @@ async def test_everything_survives_a_restart(db_url: str) -> None:
         assert same(keyboards_after[0], keyboards_before[0])
         assert keyboards_after[1] == keyboards_before[1]
         conversation = app2.handlers[0][0]
-        assert conversation._conversations == {(7, 7): ASK}  # noqa: SLF001
+        assert conversation._conversations == {(7, 7): ASK}
         # The conversation goes on where it stopped: the answer ends it.
         await process(app2, message_update(7, "forty-two"))
         assert app2.user_data[7]["answer"] == "forty-two"
     app3, _ = restart_app(db_url)
     async with app3:
-        assert app3.handlers[0][0]._conversations == {}  # noqa: SLF001
+        assert app3.handlers[0][0]._conversations == {}
         assert app3.user_data[7]["answer"] == "forty-two"
 
 
@@ -170,7 +178,9 @@ async def test_only_changed_rows_are_written_in_one_transaction(db_url: str) -> 
         commits: list[int] = []
         engine = persistence.database.engine.sync_engine
 
-        def on_execute(conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool) -> None:
+        def on_execute(
+            conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool
+        ) -> None:
             if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
                 written.append(len(params) if many else 1)
 
@@ -299,7 +309,9 @@ async def test_undecodable_row_fails_for_its_key_only(db_url: str) -> None:
     persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
     async with persistence.database.connect("corrupting") as connection:
         await connection.execute(
-            update(TABLE).where(TABLE.c.namespace == "chat_data", TABLE.c.key == "2").values(data='{"n": oops')
+            update(TABLE)
+            .where(TABLE.c.namespace == "chat_data", TABLE.c.key == "2")
+            .values(data='{"n": oops')
         )
     app = builder().persistence(persistence).build()
     errors = errors_of(app)
@@ -327,7 +339,9 @@ async def test_undecodable_row_fails_for_its_key_only(db_url: str) -> None:
 # -- 6. an unmigrated database and passwords -------------------------------------------------
 
 
-async def test_unmigrated_database_raises_schema_error(db_url: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_unmigrated_database_raises_schema_error(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     url = with_password(db_url)
     persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(url, auto_upgrade=False)
@@ -351,7 +365,9 @@ def with_password(url: str) -> str:
     has it (MariaDB); SQLite ignores it."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "mysql":
-        return parsed.set(username="ptbs_test", password="s3cret").render_as_string(hide_password=False)
+        return parsed.set(username="ptbs_test", password="s3cret").render_as_string(
+            hide_password=False
+        )
     if parsed.get_backend_name() == "postgresql":
         return parsed.set(password="s3cret").render_as_string(hide_password=False)
     return url
@@ -365,8 +381,12 @@ async def _mariadb_password_user(backend: str, db_url: str) -> None:
 
     engine = create_async_engine(db_url)
     async with engine.begin() as connection:
-        await connection.execute(text("CREATE USER IF NOT EXISTS 'ptbs_test'@'%' IDENTIFIED BY 's3cret'"))
-        await connection.execute(text("CREATE USER IF NOT EXISTS 'ptbs_test'@'localhost' IDENTIFIED BY 's3cret'"))
+        await connection.execute(
+            text("CREATE USER IF NOT EXISTS 'ptbs_test'@'%' IDENTIFIED BY 's3cret'")
+        )
+        await connection.execute(
+            text("CREATE USER IF NOT EXISTS 'ptbs_test'@'localhost' IDENTIFIED BY 's3cret'")
+        )
         await connection.execute(text("GRANT ALL ON test.* TO 'ptbs_test'@'%'"))
         await connection.execute(text("GRANT ALL ON test.* TO 'ptbs_test'@'localhost'"))
     await engine.dispose()

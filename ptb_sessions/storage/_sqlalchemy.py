@@ -60,7 +60,9 @@ class SQLAlchemyStorage:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.database = (
-            url if isinstance(url, Database) else Database(url, auto_upgrade=auto_upgrade, clock=clock)
+            url
+            if isinstance(url, Database)
+            else Database(url, auto_upgrade=auto_upgrade, clock=clock)
         )
         check_key(namespace, "")
         self.namespace = namespace
