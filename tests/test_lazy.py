@@ -10,7 +10,7 @@ from sqlalchemy import event, update
 from telegram import Update
 from telegram.ext import Application, ContextTypes, MessageHandler, filters
 
-from ptb_sessions import MigrationError, SQLAlchemyPersistence, StorageError
+from ptb_sessions import ConflictError, MigrationError, SQLAlchemyPersistence, StorageError
 from ptb_sessions._schema import StoredRow
 from ptb_sessions._store import Write
 
@@ -212,3 +212,25 @@ async def test_data_migrations_on_chat_data(db_url: str) -> None:
         await app3.update_persistence()
     assert any(isinstance(e, MigrationError) for e in errors)
     assert await stored_chats(db_url) == {1: {"n": 11, "pets": []}}
+
+
+async def test_stale_write_from_another_process_raises_conflict_error(db_url: str) -> None:
+    await store_chats(db_url, {1: {"n": 10}})
+    first: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    second: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    app1, errors1 = counting_app(first)
+    app2, errors2 = counting_app(second)
+    async with app1, app2:
+        await process(app1, message_update(1))
+        await process(app2, message_update(1))
+        await app1.update_persistence()
+        await app2.update_persistence()
+        await asyncio.sleep(0.05)
+        assert errors1 == []
+        conflicts = [e for e in errors2 if isinstance(e, ConflictError)]
+        assert len(conflicts) == 1 and "chat_data['1']" in str(conflicts[0])
+        # The loser reads the row again at its next update and goes on from there.
+        await process(app2, message_update(1))
+        assert app2.chat_data[1] == {"n": 12}
+        await app2.update_persistence()
+    assert await stored_chats(db_url) == {1: {"n": 12}}
