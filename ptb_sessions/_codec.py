@@ -59,6 +59,7 @@ _NONFINITE: Final = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _JSON: Final = json.JSONEncoder(
     ensure_ascii=False, check_circular=False, allow_nan=False, separators=(",", ":")
 )
+_PLAIN_DEPTH: Final = 64
 _CIRCULAR: Final = "circular reference (the value contains itself)"
 _IN_KEY: Final = object()  # the culprit of a dict key that cannot be encoded: the path ends there
 
@@ -77,9 +78,15 @@ class _Unencodable(Exception):
         self.parts: list[str] = []
 
 
+_SUBCLASSABLE: Final = (
+    *(dict, list, tuple, set, frozenset, str, int, float, bytes, Decimal, uuid.UUID),
+    *(dtm.datetime, dtm.date, dtm.time, dtm.timedelta),
+)
+
+
 def _not_serializable(value: object) -> str:
     name = type(value).__name__
-    for base in (dict, list, tuple, set, frozenset, str, int, float, bytes):
+    for base in _SUBCLASSABLE:
         if isinstance(value, base):
             return (
                 f"{name} is not serializable (a subclass of {base.__name__}: convert it to "
@@ -105,13 +112,16 @@ def _enter(value: object, active: set[int]) -> None:
 def _encode_dict(value: dict[Any, Any], active: set[int]) -> Any:
     _enter(value, active)
     try:
-        if _TAG in value or not all(type(key) is str for key in value):
-            result: Any = _tagged("dict", _encode_pairs(value, active))
-        else:
-            result = {
-                key: item if type(item) in _ATOMS else _encode(item, active)
-                for key, item in value.items()
-            }
+        result: Any = {}
+        if _TAG not in value:
+            for key, item in value.items():
+                if type(key) is not str:
+                    break
+                result[key] = item if type(item) in _ATOMS else _encode(item, active)
+            else:
+                active.discard(id(value))
+                return result
+        result = _tagged("dict", _encode_pairs(value, active))
     except _Unencodable as exc:
         if exc.culprit is not _IN_KEY:
             key = next(key for key, item in value.items() if item is exc.culprit)
@@ -169,6 +179,27 @@ _LEAVES: Final[dict[type, tuple[str, Callable[[Any], Any]]]] = {
     bytes: ("bytes", lambda data: base64.b64encode(data).decode("ascii")),
     uuid.UUID: ("uuid", str),
 }
+
+
+def _is_plain(value: Any, depth: int) -> bool:
+    """Whether ``value`` is plain JSON already, so :func:`_encode` has nothing to change. Cheaper
+    than encoding; too deep a value (maybe a circular one) counts as not plain."""
+    cls = type(value)
+    if cls is dict:
+        if _TAG in value or depth > _PLAIN_DEPTH:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or not (type(item) in _ATOMS or _is_plain(item, depth + 1)):
+                return False
+        return True
+    if cls is list:
+        if depth > _PLAIN_DEPTH:
+            return False
+        for item in value:  # noqa: SIM110 - a loop is faster than all() over a generator
+            if not (type(item) in _ATOMS or _is_plain(item, depth + 1)):
+                return False
+        return True
+    return cls in _ATOMS or (cls is float and math.isfinite(value))
 
 
 def _encode(value: Any, active: set[int]) -> Any:
@@ -258,25 +289,18 @@ class JSONCodec:
     unescaped. Every other supported type is written as a tagged object
     ``{"$t": <tag>, "v": <payload>}``:
 
-    ===================================  ======================  =========================
-    type                                  tag                     payload
-    ===================================  ======================  =========================
-    :obj:`tuple`                          ``"tuple"``             list of the items
-    :obj:`set`, :obj:`frozenset`          ``"set"``,              list of the members,
-                                          ``"frozenset"``         sorted by their encoding
-    :obj:`dict` with non-:obj:`str`       ``"dict"``              list of ``[key, value]``
-    keys, or with the key ``"$t"``                                pairs, in order
-    :obj:`float` nan, inf, -inf           ``"float"``             ``"nan"``, ``"inf"``,
-                                                                  ``"-inf"``
-    :class:`~datetime.datetime`,          ``"datetime"``,         ``isoformat()``
-    :class:`~datetime.date`,              ``"date"``, ``"time"``
-    :class:`~datetime.time`
-    :class:`~datetime.timedelta`          ``"timedelta"``         ``[days, seconds,
-                                                                  microseconds]``
-    :class:`~decimal.Decimal`             ``"decimal"``           ``str(value)``
-    :obj:`bytes`                          ``"bytes"``             base64
-    :class:`~uuid.UUID`                   ``"uuid"``              ``str(value)``
-    ===================================  ======================  =========================
+    * :obj:`tuple`: ``"tuple"``, the list of the items;
+    * :obj:`set`, :obj:`frozenset`: ``"set"``, ``"frozenset"``, the list of the members sorted by
+      their encoding (so equal sets are stored equally);
+    * :obj:`dict` with a key that is not a :obj:`str`, or with the key ``"$t"``: ``"dict"``, the
+      list of ``[key, value]`` pairs in order;
+    * :obj:`float` nan, inf and -inf: ``"float"``, ``"nan"``, ``"inf"`` or ``"-inf"``;
+    * :class:`~datetime.datetime`, :class:`~datetime.date`, :class:`~datetime.time`:
+      ``"datetime"``, ``"date"``, ``"time"``, the ``isoformat()``;
+    * :class:`~datetime.timedelta`: ``"timedelta"``, ``[days, seconds, microseconds]``;
+    * :class:`~decimal.Decimal`: ``"decimal"``, ``str(value)``;
+    * :obj:`bytes`: ``"bytes"``, base64;
+    * :class:`~uuid.UUID`: ``"uuid"``, ``str(value)``.
 
     So ``{1: (2, 3), "1": None}`` is stored as
     ``{"$t":"dict","v":[[1,{"$t":"tuple","v":[2,3]}],["1",null]]}``: an :obj:`int` key stays an
@@ -305,7 +329,7 @@ class JSONCodec:
                 ``{<TypeName>}``.
         """
         try:
-            tree = value if type(value) in _ATOMS else _encode(value, set())
+            tree = value if _is_plain(value, 0) else _encode(value, set())
             return _JSON.encode(tree)
         except _Unencodable as exc:
             raise SerializationError(exc.reason, path="".join(reversed(exc.parts))) from None

@@ -36,7 +36,8 @@ async def started(app: Application) -> AsyncIterator[Application]:  # type: igno
         try:
             yield app
         finally:
-            await app.stop()
+            # bounded, so that a broken processor fails the test instead of hanging it
+            await asyncio.wait_for(app.stop(), GUARD)
 
 
 async def feed(app: Application, updates: Iterable[object]) -> None:  # type: ignore[type-arg]

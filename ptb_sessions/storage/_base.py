@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections import OrderedDict
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
@@ -56,18 +58,21 @@ class StorageAdapter(Protocol):
       storage-wide counter or a random token, not "previous + 1 starting from 1"), so a delete
       and a rewrite between a read and a write are detected.
     * The storage remembers, per key, the version that :meth:`read` last returned in this
-      process, *including* "nothing stored" (see :class:`ReadVersions`: bounded, least recently
-      read keys are dropped). :meth:`write` and :meth:`delete` forget it.
+      process, *including* "nothing stored". It remembers it for the asyncio task that read
+      (see :class:`ReadVersions`: bounded, least recently read keys are dropped), so two tasks
+      of one process that interleave read -> write on a key conflict too. :meth:`write` and
+      :meth:`delete` forget it.
     * :meth:`write` and :meth:`delete` of a key with a remembered version succeed only if the
       stored version still equals it ("nothing stored" must still be nothing stored); otherwise
       they raise :class:`~ptb_sessions.ConflictError` naming the key, and nothing is changed.
       Deleting a key that was read as absent and is still absent is a no-op.
-    * With no remembered version (the key was never read, or was forgotten, e.g. a lazy session
-      assigned without reading), the write or delete is unconditional.
+    * With no remembered version (the key was never read by this task, or was forgotten, e.g. a
+      lazy session assigned without reading), the write or delete is unconditional.
     * Iterating with ``keys()``/``items()`` and :meth:`has` remember nothing.
 
-    :class:`~ptb_sessions.SessionHandler` serializes read -> write per (storage, key) inside a
-    process, so remembering one version per key is enough.
+    :class:`~ptb_sessions.SessionHandler` reads and writes a key in one task and serializes
+    read -> write per (storage, key) inside a process, so in-process conflicts only come from
+    code that bypasses it; across processes the versions catch what the lock does not.
     """
 
     async def read(self, key: str) -> Any | None:
@@ -96,49 +101,75 @@ class StorageAdapter(Protocol):
 class ReadVersions(Generic[V]):
     """The per-key versions that a storage keeping versions last returned from ``read()``.
 
-    Bounded: at most ``maxsize`` keys, the least recently read is dropped first (its next write
-    is then unconditional). A remembered version of :obj:`None` means "read found nothing".
+    Versions are remembered per asyncio task (the reader; outside a task, per process), so a
+    write compares against what *this* task read. Bounded: at most ``maxsize`` keys per task,
+    the least recently read is dropped first (its next write is then unconditional); a task's
+    versions go away with the task. A remembered version of :obj:`None` means "read found
+    nothing".
 
     Args:
-        maxsize (:obj:`int`, optional): How many keys to remember. Defaults to
+        maxsize (:obj:`int`, optional): How many keys to remember per task. Defaults to
             :data:`MAX_READ_VERSIONS`.
     """
 
-    __slots__ = ("_maxsize", "_versions")
+    __slots__ = ("_by_task", "_maxsize", "_untasked")
 
     def __init__(self, maxsize: int = MAX_READ_VERSIONS) -> None:
         if maxsize < 1:
             raise ValueError(f"maxsize must be at least 1, not {maxsize}")
         self._maxsize = maxsize
-        self._versions: OrderedDict[str, V | None] = OrderedDict()
+        self._by_task: weakref.WeakKeyDictionary[asyncio.Task[Any], OrderedDict[str, V | None]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._untasked: OrderedDict[str, V | None] = OrderedDict()
+
+    def _scope(self, create: bool) -> OrderedDict[str, V | None] | None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running event loop
+            task = None
+        if task is None:
+            return self._untasked
+        scope = self._by_task.get(task)
+        if scope is None and create:
+            scope = self._by_task[task] = OrderedDict()
+        return scope
 
     def __len__(self) -> int:
-        return len(self._versions)
+        """How many keys the current task remembers."""
+        scope = self._scope(create=False)
+        return 0 if scope is None else len(scope)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._versions
+        scope = self._scope(create=False)
+        return scope is not None and key in scope
 
     def remember(self, key: str, version: V | None) -> None:
         """Remember that ``read(key)`` returned ``version`` (:obj:`None`: nothing stored)."""
-        self._versions[key] = version
-        self._versions.move_to_end(key)
-        if len(self._versions) > self._maxsize:
-            self._versions.popitem(last=False)
+        scope = self._scope(create=True)
+        if scope is None:  # pragma: no cover - create=True always gives a scope
+            return
+        scope[key] = version
+        scope.move_to_end(key)
+        if len(scope) > self._maxsize:
+            scope.popitem(last=False)
 
     def pop(self, key: str) -> tuple[bool, V | None]:
-        """Forget ``key``.
+        """Forget ``key`` for the current task.
 
         Returns:
             tuple[:obj:`bool`, version | :obj:`None`]: ``(True, version)`` if a version was
             remembered (:obj:`None`: the read found nothing), else ``(False, None)``.
         """
-        if key in self._versions:
-            return True, self._versions.pop(key)
+        scope = self._scope(create=False)
+        if scope is not None and key in scope:
+            return True, scope.pop(key)
         return False, None
 
     def clear(self) -> None:
-        """Forget every key."""
-        self._versions.clear()
+        """Forget every key of every task."""
+        self._by_task.clear()
+        self._untasked.clear()
 
 
 def conflict_error(key: str, where: str = "") -> ConflictError:

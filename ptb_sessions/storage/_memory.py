@@ -39,7 +39,8 @@ class MemoryStorage:
             arbitrary objects.
 
     Raises:
-        ValueError: ``ttl`` is zero or negative.
+        ValueError: ``ttl`` is zero, negative or NaN.
+        TypeError: ``ttl`` is neither a number nor a timedelta.
     """
 
     __slots__ = ("_clock", "_codec", "_data", "_read_versions", "_ttl", "_versions")
@@ -67,6 +68,10 @@ class MemoryStorage:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ttl={self._ttl!r}, keys={len(self._data)})"
 
+    def __bool__(self) -> bool:
+        """Always :obj:`True`, even when empty, so ``storage or MemoryStorage()`` keeps it."""
+        return True
+
     def __len__(self) -> int:
         """The number of stored values that have not expired (expired ones are deleted)."""
         for key in list(self._data):
@@ -74,14 +79,12 @@ class MemoryStorage:
         return len(self._data)
 
     def _live(self, key: str) -> tuple[str | bytes, int, float] | None:
-        """The entry of ``key`` if it is stored and not expired; an expired one is deleted and
-        its remembered read version forgotten (its basis expired; nothing left to protect)."""
+        """The entry of ``key`` if it is stored and not expired; an expired one is deleted."""
         entry = self._data.get(key)
         if entry is None:
             return None
         if self._ttl is not None and self._clock() > entry[2] + self._ttl:
             del self._data[key]
-            self._read_versions.pop(key)
             return None
         return entry
 
@@ -89,9 +92,9 @@ class MemoryStorage:
         remembered, version = self._read_versions.pop(key)
         if not remembered:
             return
-        entry = self._live(key)
-        current = None if entry is None else entry[1]
-        if current != version:
+        # An entry that expired since it was read still has the version that was read.
+        entry = self._data.get(key)
+        if (None if entry is None else entry[1]) != version:
             raise conflict_error(key)
 
     async def read(self, key: str) -> Any | None:
