@@ -15,16 +15,21 @@ from ptb_sessions._errors import (
     SessionKeyError,
     StorageError,
 )
+from ptb_sessions._chatmigration import ChatMigrationHandler
 from ptb_sessions._keys import by_chat, by_chat_and_thread, by_user, by_user_and_chat
+from ptb_sessions._sessionhandler import Fragment, LazySession, SessionContext, SessionHandler
 from ptb_sessions._sqlalchemypersistence import SQLAlchemyPersistence
 from ptb_sessions._updateprocessor import SequentialUpdateProcessor
 from ptb_sessions.storage import MemoryStorage, StorageAdapter, enhance_storage
 from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
 
 __all__ = [
+    "ChatMigrationHandler",
     "Codec",
     "ConflictError",
+    "Fragment",
     "JSONCodec",
+    "LazySession",
     "MemoryStorage",
     "MigrationError",
     "PTBSessionsError",
@@ -33,6 +38,8 @@ __all__ = [
     "SQLAlchemyStorage",
     "SchemaError",
     "SequentialUpdateProcessor",
+    "SessionContext",
+    "SessionHandler",
     "SerializationError",
     "SessionKeyError",
     "StorageAdapter",

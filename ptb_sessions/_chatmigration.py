@@ -187,12 +187,14 @@ class ChatMigrationHandler(BaseHandler[Update, CCT, None]):
 def session_prefixes(application: Application[Any, Any, Any, Any, Any, Any]) -> set[str]:
     """The key prefixes of the application's :class:`~ptb_sessions.SessionHandler`\\ s and
     fragments (always including ``""``)."""
+    from ptb_sessions._sessionhandler import SessionHandler
+
     prefixes = {""}
     stack: list[Any] = [h for group in application.handlers.values() for h in group]
     while stack:
         handler = stack.pop()
-        for spec in getattr(handler, "session_specs", ()):
-            prefixes.add(getattr(spec, "prefix", ""))
+        if isinstance(handler, SessionHandler):
+            prefixes.update(spec.prefix for spec in handler._specs)  # noqa: SLF001
         states = getattr(handler, "states", None)
         if isinstance(states, dict):  # ConversationHandler: SessionHandlers in its states
             for handlers in states.values():

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import sqlite3
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -112,6 +113,9 @@ class Database:
 
     __slots__ = (
         "_engine",
+        "_fast_idle",
+        "_fast_slots",
+        "fast_connections",
         "_owns_engine",
         "_ready",
         "_ready_lock",
@@ -139,6 +143,10 @@ class Database:
         self.clock = clock
         self._ready = False
         self._ready_lock = asyncio.Lock()
+        #: How many connections are kept open for single-row reads and writes.
+        self.fast_connections = 1 if self.dialect == "sqlite" else 4
+        self._fast_idle: list[AsyncConnection] = []
+        self._fast_slots: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
         return f"Database({self.masked_url!r})"
@@ -161,7 +169,9 @@ class Database:
             if self.dialect == "sqlite":
                 kwargs["connect_args"] = {"timeout": 30}
             else:
-                kwargs["pool_pre_ping"] = True
+                # No pre-ping (a round trip per checkout): a dropped connection fails its
+                # statement, is invalidated, and the next one is new.
+                kwargs["pool_recycle"] = 1800
             self._engine = create_async_engine(self._url, **kwargs)
             if self.dialect == "sqlite":
                 event.listen(self._engine.sync_engine, "connect", _sqlite_on_connect)
@@ -169,7 +179,12 @@ class Database:
         return self._engine
 
     async def dispose(self) -> None:
-        """Close the engine's connections if the engine was created here."""
+        """Close the kept connections, and the engine's if the engine was created here."""
+        idle, self._fast_idle = self._fast_idle, []
+        self._fast_slots = None
+        for connection in idle:
+            with contextlib.suppress(Exception):
+                await connection.close()
         if self._owns_engine and self._engine is not None:
             engine, self._engine = self._engine, None
             await engine.dispose()
@@ -251,17 +266,70 @@ class Database:
         except (SQLAlchemyError, OSError) as exc:
             raise self.error(exc, what) from exc
 
+    @contextlib.asynccontextmanager
+    async def autocommit(self, what: str) -> AsyncIterator[AsyncConnection]:
+        """A connection without a transaction, for single statements (atomic by themselves):
+        one round trip each, no ``BEGIN``/``COMMIT``. Errors become StorageError.
+
+        These connections are kept open (at most :attr:`fast_connections`), so the hot path
+        of sessions pays no pool checkout and no reset; one that fails is closed.
+        """
+        await self.ensure_schema()
+        if self._fast_slots is None:
+            self._fast_slots = asyncio.Semaphore(self.fast_connections)
+        async with self._fast_slots:
+            connection: AsyncConnection | None = self._fast_idle.pop() if self._fast_idle else None
+            try:
+                if connection is None:
+                    connection = await self.engine.connect()
+                    await connection.execution_options(isolation_level="AUTOCOMMIT")
+                yield connection
+            except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.invalidate()
+                    connection = None
+                raise self.error(exc, what) from exc
+            except BaseException:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                    connection = None
+                raise
+            finally:
+                if connection is not None:
+                    self._fast_idle.append(connection)
+
+    async def _run(
+        self, connection: AsyncConnection, statement: Any, params: dict[str, Any]
+    ) -> tuple[list[Any], int]:
+        """Execute one prebuilt statement: ``(rows, rowcount)``.
+
+        On SQLite it goes straight to the aiosqlite connection, compiled once: one trip to
+        the driver's thread instead of the four (cursor, execute, fetch, close) of SQLAlchemy's
+        adaptation, which is most of the cost of a session read or write there.
+        """
+        if self.dialect != "sqlite":
+            result = await connection.execute(statement, params)
+            rows = result.all() if result.returns_rows else []
+            return rows, (len(rows) if result.returns_rows else result.rowcount)
+        sql, names, literals = _compiled_for_sqlite(statement)
+        args = tuple(params[name] if name in params else literals[name] for name in names)
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        if statement.is_select:
+            rows = list(await driver.execute_fetchall(sql, args))
+            return rows, len(rows)
+        cursor = await driver.execute(sql, args)
+        return [], cursor.rowcount
+
     # -- reads --------------------------------------------------------------------------
 
     async def get(self, namespace: str, key: str) -> Record | None:
         """The row of ``key`` in ``namespace``, or :obj:`None`."""
-        async with self.connect(f"Reading {namespace}[{key!r}]", read_only=True) as connection:
-            row = (
-                await connection.execute(
-                    select(*_RECORD_COLUMNS).where(_C.namespace == namespace, _C.key == key)
-                )
-            ).first()
-        return None if row is None else Record(*row)
+        async with self.autocommit(f"Reading {namespace}[{key!r}]") as connection:
+            rows, _ = await self._run(connection, _GET_ONE, {"ns": namespace, "k": key})
+        return Record(*rows[0]) if rows else None
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, Record]:
         """The rows of ``keys`` that exist in ``namespace``."""
@@ -418,72 +486,73 @@ class Database:
         return versions
 
     async def write_one(self, write: Write) -> None:
-        """Apply one write in its own transaction, with a single statement: a conditional
-        ``UPDATE``/``DELETE`` (version check) or an ``INSERT`` (nothing stored expected), or
-        an upsert/delete without a check. Sets ``write.new_version`` (:obj:`None` when
-        unknown, after an unchecked write, or deleted).
+        """Apply one write with a single statement, atomic by itself: a conditional
+        ``UPDATE``/``DELETE`` (version check), an ``INSERT`` (nothing stored expected), or an
+        upsert/delete without a check. Sets ``write.new_version`` (:obj:`None` when unknown,
+        after an unchecked write, or deleted).
 
         Raises:
             ConflictError: The stored version is not ``write.expected_version``.
             StorageError: The database failed.
         """
         ns, key, expected = write.namespace, write.key, write.expected_version
-        where = (_C.namespace == ns) & (_C.key == key)
-        values = {
+        params = {
+            "ns": ns,
+            "k": key,
             "codec": write.codec,
             "data": write.data,
             "data_version": write.data_version,
             "touched_at": self.clock(),
             "expires_at": write.expires_at,
+            "expected": expected,
         }
         conflict = False
-        async with self.connect(f"Writing {ns}[{key!r}]") as connection:
+        async with self.autocommit(f"Writing {ns}[{key!r}]") as connection:
             if write.data is None:
                 write.new_version = None
                 if expected == ANY_VERSION:
-                    await connection.execute(delete(_TABLE).where(where))
+                    await self._run(connection, _DELETE_ONE, params)
                 elif expected is None:
-                    row = (await connection.execute(select(_C.version).where(where))).first()
-                    conflict = row is not None
+                    rows, _ = await self._run(connection, _GET_ONE, params)
+                    conflict = bool(rows)
                 else:
-                    result = await connection.execute(
-                        delete(_TABLE).where(where, _C.version == expected)
-                    )
-                    conflict = not result.rowcount
+                    _, count = await self._run(connection, _DELETE_IF_VERSION, params)
+                    conflict = not count
             elif expected is None:
-                write.new_version = new_version()
+                write.new_version = params["version"] = new_version()
                 try:
-                    async with connection.begin_nested():
-                        await connection.execute(
-                            _TABLE.insert().values(
-                                namespace=ns, key=key, version=write.new_version, **values
-                            )
-                        )
+                    _, count = await self._run(connection, self._insert_new(), params)
+                    conflict = not count
                 except IntegrityError:
                     conflict = True
             elif expected == ANY_VERSION:
                 write.new_version = None
-                result = await connection.execute(
-                    update(_TABLE).where(where).values(version=_C.version + 1, **values)
-                )
-                if not result.rowcount:
-                    await connection.execute(
-                        self._upsert_statement(),
-                        [{"namespace": ns, "key": key, "version": new_version(), **values}],
-                    )
+                params["version"] = new_version()
+                await self._run(connection, self._blind_upsert(), params)
             else:
-                write.new_version = expected + 1
-                result = await connection.execute(
-                    update(_TABLE)
-                    .where(where, _C.version == expected)
-                    .values(version=write.new_version, **values)
-                )
-                conflict = not result.rowcount
+                write.new_version = params["version"] = expected + 1
+                _, count = await self._run(connection, _UPDATE_IF_VERSION, params)
+                conflict = not count
         if conflict:
             raise ConflictError(
                 f"{ns}[{key!r}] was changed by another writer since it was read; nothing was "
                 "overwritten. Read it again and redo the change."
             )
+
+    def _insert_new(self) -> Any:
+        """``INSERT`` one row unless its key exists (then 0 rows; MySQL: IntegrityError)."""
+        if self.dialect == "postgresql":
+            return _PG_INSERT_NEW
+        if self.dialect == "sqlite":
+            return _SQLITE_INSERT_NEW
+        return _INSERT_ONE
+
+    def _blind_upsert(self) -> Any:
+        if self.dialect == "postgresql":
+            return _PG_UPSERT_ONE
+        if self.dialect == "sqlite":
+            return _SQLITE_UPSERT_ONE
+        return _MYSQL_UPSERT_ONE
 
     def _key_in(self, keys: Sequence[str]) -> Any:
         """``key IN (...)``; on PostgreSQL ``key = ANY(:array)``, which the planner handles
@@ -689,6 +758,62 @@ _RECORD_COLUMNS = (
 )
 
 
+_ONE = (_C.namespace == bindparam("ns")) & (_C.key == bindparam("k"))
+_GET_ONE = select(*_RECORD_COLUMNS).where(_ONE)
+_DELETE_ONE = delete(_TABLE).where(_ONE)
+_DELETE_IF_VERSION = delete(_TABLE).where(_ONE, _C.version == bindparam("expected"))
+_VALUES = {
+    "codec": bindparam("codec"),
+    "data": bindparam("data"),
+    "data_version": bindparam("data_version"),
+    "touched_at": bindparam("touched_at"),
+    "expires_at": bindparam("expires_at"),
+}
+_UPDATE_IF_VERSION = (
+    update(_TABLE)
+    .where(_ONE, _C.version == bindparam("expected"))
+    .values(version=bindparam("version"), **_VALUES)
+)
+_INSERT_VALUES = {
+    "namespace": bindparam("ns"),
+    "key": bindparam("k"),
+    "version": bindparam("version"),
+    **_VALUES,
+}
+_INSERT_ONE = _TABLE.insert().values(**_INSERT_VALUES)
+_PG_INSERT_NEW = postgresql.insert(_TABLE).values(**_INSERT_VALUES).on_conflict_do_nothing()
+_SQLITE_INSERT_NEW = sqlite.insert(_TABLE).values(**_INSERT_VALUES).on_conflict_do_nothing()
+_UPSERT_SET = {**_VALUES, "version": _C.version + 1}
+_PG_UPSERT_ONE = (
+    postgresql.insert(_TABLE)
+    .values(**_INSERT_VALUES)
+    .on_conflict_do_update(index_elements=[_C.namespace, _C.key], set_=_UPSERT_SET)
+)
+_SQLITE_UPSERT_ONE = (
+    sqlite.insert(_TABLE)
+    .values(**_INSERT_VALUES)
+    .on_conflict_do_update(index_elements=[_C.namespace, _C.key], set_=_UPSERT_SET)
+)
+_MYSQL_UPSERT_ONE = mysql.insert(_TABLE).values(**_INSERT_VALUES).on_duplicate_key_update(
+    **_UPSERT_SET
+)
+
+
+_SQLITE_DIALECT = sqlite.dialect()  # type: ignore[no-untyped-call]
+_SQLITE_COMPILED: dict[int, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+
+
+def _compiled_for_sqlite(statement: Any) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+    """``(sql, parameter names in order, literal parameters)`` of a prebuilt statement,
+    compiled once."""
+    compiled = _SQLITE_COMPILED.get(id(statement))
+    if compiled is None:
+        result = statement.compile(dialect=_SQLITE_DIALECT)
+        compiled = (str(result), tuple(result.positiontup), dict(result.params))
+        _SQLITE_COMPILED[id(statement)] = compiled
+    return compiled
+
+
 def _is_deadlock(exc: BaseException | None) -> bool:
     """Whether the database aborted the transaction to resolve a deadlock (try it again)."""
     message = str(getattr(exc, "orig", exc)).lower()
@@ -710,8 +835,10 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_on_begin(connection: Any) -> None:
-    read_only = connection.get_execution_options().get("ptb_sessions_read_only")
-    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+    options = connection.get_execution_options()
+    if options.get("isolation_level") == "AUTOCOMMIT":
+        return
+    connection.exec_driver_sql("BEGIN" if options.get("ptb_sessions_read_only") else "BEGIN IMMEDIATE")
 
 
 def new_version() -> int:

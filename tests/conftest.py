@@ -49,21 +49,29 @@ async def reset_database(url: str) -> None:
         await engine.dispose()
 
 
-def server_url(backend: str) -> str:
-    """The URL of ``backend``'s test server, failing (CI) or skipping the test if it is down."""
-    url = SERVER_URLS[backend]
-    if backend in _unreachable:
-        reason = _unreachable[backend]
-    else:
-        try:
-            asyncio.run(asyncio.wait_for(reset_database(url), 15))
-            return url
-        except Exception as exc:
-            reason = f"{backend} server at {url} unreachable: {type(exc).__name__}: {exc}"
-            _unreachable[backend] = reason
+def _unavailable(backend: str, reason: str) -> None:
+    _unreachable[backend] = reason
     if IN_CI:
         pytest.fail(f"CI=true and {reason}")
     pytest.skip(reason)
+
+
+async def async_server_url(backend: str) -> str:
+    """The URL of ``backend``'s empty test database, failing (CI) or skipping the test if the
+    server is down. For async code; :func:`server_url` for sync code."""
+    url = SERVER_URLS[backend]
+    if backend in _unreachable:
+        _unavailable(backend, _unreachable[backend])
+    try:
+        await asyncio.wait_for(reset_database(url), 15)
+    except Exception as exc:  # noqa: BLE001 - any failure means unreachable
+        _unavailable(backend, f"{backend} server at {url} unreachable: {type(exc).__name__}: {exc}")
+    return url
+
+
+def server_url(backend: str) -> str:
+    """The URL of ``backend``'s empty test database (see :func:`async_server_url`)."""
+    return asyncio.run(async_server_url(backend))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -77,9 +85,7 @@ def db_url(backend: str, tmp_path: Path) -> str:
     """An asyncio URL of an empty, unmigrated database of ``backend``."""
     if backend == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'test.sqlite3'}"
-    url = server_url(backend)
-    asyncio.run(reset_database(url))
-    return url
+    return server_url(backend)
 
 
 @pytest.fixture

@@ -1,0 +1,226 @@
+"""Benchmark: writing and loading PTB's chat_data with SQLAlchemyPersistence vs PicklePersistence.
+
+Measures, around exactly the call (``time.perf_counter``):
+
+* ``await app.update_persistence()`` after 10,000 chats changed: first as 10,000 new chats
+  (inserts), then with every one of them changed again (updates of existing rows), then with
+  all 10,000 marked for update but unchanged (nothing to write);
+* ``await app.initialize()`` of a new application with 100,000 chats stored.
+
+SQLAlchemyPersistence runs on SQLite, PostgreSQL and MariaDB, side by side with PTB's own
+``PicklePersistence`` in its default mode (``on_flush=False``: every ``update_chat_data`` call
+rewrites the whole file, so 10,000 chats are measured with fewer chats and extrapolated, as
+the table says) and with ``on_flush=True`` (``update_persistence`` only copies into memory;
+the file is written by ``flush()``, timed separately).
+
+Usage: python bench/persistence_write.py [--backends sqlite,postgresql,mariadb] [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _offline import (
+    CHAT_ID_BASE,
+    Timer,
+    backend_url,
+    builder,
+    chat_value,
+    fmt_s,
+    machine_line,
+    markdown_table,
+    median,
+    parse_args,
+    reset_database,
+    seed_rows,
+    temp_dir,
+    usable_backends,
+    write_pickle_file,
+)
+from telegram.ext import Application, PicklePersistence
+
+from ptb_sessions import SQLAlchemyPersistence
+
+TARGETS = {"sqlite": 0.2, "postgresql": 1.0, "mariadb": 1.0}
+
+
+def change(app: Application, ids: range, round_: int) -> None:  # type: ignore[type-arg]
+    """Change the chat_data of ``ids`` (creating it if new) and mark them for persistence."""
+    for i in ids:
+        data = app.chat_data[CHAT_ID_BASE + i]  # type: ignore[index]
+        data.update(chat_value(i))
+        data["pizzas"] = round_
+    app.mark_data_for_update_persistence(chat_ids=[CHAT_ID_BASE + i for i in ids])
+
+
+def mark(app: Application, ids: range) -> None:  # type: ignore[type-arg]
+    app.mark_data_for_update_persistence(chat_ids=[CHAT_ID_BASE + i for i in ids])
+
+
+async def measure_writes(
+    make_app: Any, n: int, repeats: int, after_flush: bool = False
+) -> dict[str, float]:
+    """Median seconds of update_persistence: n new chats, n changed chats, n unchanged."""
+    app = make_app()
+    await app.initialize()
+    new, changed, unchanged, flushes = [], [], [], []
+    try:
+        for rep in range(repeats):
+            ids = range(rep * n, (rep + 1) * n)  # fresh ids: inserts
+            change(app, ids, 0)
+            with Timer() as t:
+                await app.update_persistence()
+            new.append(t.seconds)
+        ids = range(n)
+        for rep in range(repeats):
+            change(app, ids, rep + 1)
+            with Timer() as t:
+                await app.update_persistence()
+            changed.append(t.seconds)
+            if after_flush:
+                with Timer() as t:
+                    await app.persistence.flush()
+                flushes.append(t.seconds)
+        for _ in range(repeats):
+            mark(app, ids)
+            with Timer() as t:
+                await app.update_persistence()
+            unchanged.append(t.seconds)
+    finally:
+        await app.shutdown()
+    result = {"new": median(new), "changed": median(changed), "unchanged": median(unchanged)}
+    if flushes:
+        result["flush"] = median(flushes)
+    return result
+
+
+async def measure_initialize(make_app: Any, n: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        app = make_app()
+        with Timer() as t:
+            await app.initialize()
+        times.append(t.seconds)
+        assert len(app.chat_data) == n, (len(app.chat_data), n)
+        await app.shutdown()
+        del app
+    return median(times)
+
+
+async def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    n_write = 1_000 if args.quick else 10_000
+    n_pickle = 200 if args.quick else 1_000  # the default PicklePersistence rewrites per chat
+    n_stored = 10_000 if args.quick else 100_000
+    repeats = 1 if args.quick else 3
+    backends = await usable_backends(args.backends)
+    rows: list[list[object]] = []
+
+    with temp_dir("ptb-sessions-bench-") as tmp:
+        for backend in backends:
+            url = backend_url(backend, tmp)
+            await reset_database(url)
+            try:
+
+                def make_app(url: str = url) -> Application:  # type: ignore[type-arg]
+                    return builder().persistence(SQLAlchemyPersistence(url)).build()
+
+                writes = await measure_writes(make_app, n_write, repeats)
+                await reset_database(url)
+                await seed_rows(url, n_stored)
+                init = await measure_initialize(make_app, n_stored, repeats)
+            finally:
+                await reset_database(url)
+            target = TARGETS[backend]
+            verdict = "met" if writes["changed"] < target and writes["new"] < target else "MISSED"
+            rows.append(
+                [
+                    f"SQLAlchemyPersistence, {backend}",
+                    fmt_s(writes["new"]),
+                    fmt_s(writes["changed"]),
+                    fmt_s(writes["unchanged"]),
+                    fmt_s(init),
+                    f"< {target:g} s: {verdict}",
+                ]
+            )
+            print(f"done: {backend}", file=sys.stderr)
+
+        # PicklePersistence, default mode: one whole-file rewrite per changed chat.
+        path = Path(tmp) / "bench.pickle"
+
+        def make_pickle(on_flush: bool) -> Any:
+            def make() -> Application:  # type: ignore[type-arg]
+                persistence = PicklePersistence(path, on_flush=on_flush)
+                return builder().persistence(persistence).build()
+
+            return make
+
+        path.unlink(missing_ok=True)
+        small = await measure_writes(make_pickle(False), n_pickle, 1)
+        factor = (n_write / n_pickle) ** 2
+        path.unlink(missing_ok=True)
+        write_pickle_file(path, n_stored)
+        pickle_init = await measure_initialize(make_pickle(False), n_stored, repeats)
+        path.unlink(missing_ok=True)
+        rows.append(
+            [
+                f"PicklePersistence(on_flush=False), measured with {n_pickle:,} chats x "
+                f"{factor:g} (n² growth)",
+                f"~{fmt_s(small['new'] * factor)} ({fmt_s(small['new'])} for {n_pickle:,})",
+                f"~{fmt_s(small['changed'] * factor)} "
+                f"({fmt_s(small['changed'])} for {n_pickle:,})",
+                f"~{fmt_s(small['unchanged'] * n_write / n_pickle)} (linear)",
+                fmt_s(pickle_init),
+                "",
+            ]
+        )
+        print("done: pickle on_flush=False", file=sys.stderr)
+
+        on_flush = await measure_writes(make_pickle(True), n_write, repeats, after_flush=True)
+        path.unlink(missing_ok=True)
+        rows.append(
+            [
+                "PicklePersistence(on_flush=True): update_persistence (memory only)",
+                fmt_s(on_flush["new"]),
+                fmt_s(on_flush["changed"]),
+                fmt_s(on_flush["unchanged"]),
+                "same file format as above",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "PicklePersistence(on_flush=True): flush() writing the file "
+                f"({n_write * repeats:,} chats)",
+                "",
+                fmt_s(on_flush["flush"]),
+                "",
+                "",
+                "",
+            ]
+        )
+
+    print(f"\n{machine_line()}\n")
+    print(
+        markdown_table(
+            [
+                "persistence",
+                f"update_persistence, {n_write:,} new chats",
+                f"update_persistence, {n_write:,} changed chats",
+                f"{n_write:,} marked, unchanged",
+                f"initialize(), {n_stored:,} stored chats",
+                "target (10,000-chat write)",
+            ],
+            rows,
+        )
+    )
+    print(f"\nmedian of {repeats} runs each; time.perf_counter around exactly the call.")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

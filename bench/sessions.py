@@ -1,0 +1,324 @@
+"""Benchmark: updates per second through a real Application with a SessionHandler.
+
+* Strict ``SessionHandler`` (one read and one changed write per update, ``context.session["n"]
+  += 1``) over 1,000 chats, on ``MemoryStorage`` and ``SQLAlchemyStorage`` on SQLite,
+  PostgreSQL and MariaDB, side by side with the same bot on plain ``context.chat_data`` and no
+  persistence. Sequential (``await app.process_update(update)`` in a loop) and concurrent
+  (``ApplicationBuilder().concurrent_updates(64)``, every update put into
+  ``app.update_queue`` after ``app.start()``, timed until the last one is handled).
+* Lazy ``SessionHandler`` whose handler never touches the session vs the same handler with no
+  SessionHandler at all (sequential, alternating runs, median).
+
+Every chat got one update before the timed run (its row exists). ``time.perf_counter`` around
+exactly the loop (sequential) or from the first ``put`` to the last handled update
+(concurrent). A group-1 ``TypeHandler`` counts handled updates in every configuration.
+
+Usage: python bench/sessions.py [--backends sqlite,postgresql,mariadb] [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _offline import (
+    CHAT_ID_BASE,
+    Timer,
+    backend_url,
+    builder,
+    fmt_rate,
+    machine_line,
+    markdown_table,
+    median,
+    message_update,
+    parse_args,
+    reset_database,
+    temp_dir,
+    usable_backends,
+)
+from telegram import Update
+from telegram.ext import Application, MessageHandler, TypeHandler, filters
+
+from ptb_sessions import MemoryStorage, SQLAlchemyStorage
+
+try:
+    from ptb_sessions import SessionHandler
+except ImportError:  # not yet exported at the top level
+    from ptb_sessions._sessionhandler import SessionHandler  # type: ignore[no-redef]
+
+CHATS = 1_000
+CONCURRENCY = 64
+TARGET_SEQUENTIAL = 3_000
+TARGET_CONCURRENT = 10_000
+
+
+class Counter:
+    def __init__(self) -> None:
+        self.handled = 0
+        self.errors = 0
+        self.expected = 0
+        self.done = asyncio.Event()
+        self.first_error: BaseException | None = None
+
+    async def count(self, update: object, context: object) -> None:
+        self.handled += 1
+        if self.handled >= self.expected:
+            self.done.set()
+
+    async def error(self, update: object, context: Any) -> None:
+        self.errors += 1
+        if self.first_error is None:
+            self.first_error = context.error
+
+    def arm(self, expected: int) -> None:
+        self.handled = 0
+        self.expected = expected
+        self.done.clear()
+
+
+async def on_session(update: Update, context: Any) -> None:
+    context.session["n"] += 1
+
+
+async def on_chat_data(update: Update, context: Any) -> None:
+    context.chat_data["n"] = context.chat_data.get("n", 0) + 1
+
+
+async def untouched(update: Update, context: Any) -> None:
+    pass
+
+
+async def untouched_reply(update: Update, context: Any) -> None:
+    await update.message.reply_text("ok")  # type: ignore[union-attr]
+
+
+def build(
+    add_handlers: Callable[[Application], None], concurrent: bool
+) -> tuple[Application, Counter]:  # type: ignore[type-arg]
+    b = builder()
+    if concurrent:
+        b = b.concurrent_updates(CONCURRENCY)
+    app = b.build()
+    add_handlers(app)
+    counter = Counter()
+    app.add_handler(TypeHandler(Update, counter.count), group=1)
+    app.add_error_handler(counter.error)
+    return app, counter
+
+
+def updates_for(app: Application, n: int, start: int = 0) -> list[Update]:  # type: ignore[type-arg]
+    return [
+        message_update(CHAT_ID_BASE + (i % CHATS), bot=app.bot) for i in range(start, start + n)
+    ]
+
+
+async def run_sequential(add_handlers: Callable[[Application], None], n: int) -> tuple[float, int]:  # type: ignore[type-arg]
+    """Updates per second, errors."""
+    app, counter = build(add_handlers, concurrent=False)
+    await app.initialize()
+    try:
+        counter.arm(CHATS)
+        for update in updates_for(app, CHATS):  # warm-up: one update per chat
+            await app.process_update(update)
+        updates = updates_for(app, n, CHATS)
+        counter.arm(n)
+        with Timer() as t:
+            for update in updates:
+                await app.process_update(update)
+        assert counter.handled == n, (counter.handled, n)
+    finally:
+        await app.shutdown()
+    if counter.errors:
+        print(f"  {counter.errors} errors, first: {counter.first_error!r}", file=sys.stderr)
+    return n / t.seconds, counter.errors
+
+
+async def run_concurrent(add_handlers: Callable[[Application], None], n: int) -> tuple[float, int]:  # type: ignore[type-arg]
+    app, counter = build(add_handlers, concurrent=True)
+    await app.initialize()
+    try:
+        counter.arm(CHATS)
+        for update in updates_for(app, CHATS):
+            await app.process_update(update)
+        updates = updates_for(app, n, CHATS)
+        counter.arm(n)
+        await app.start()
+        try:
+            with Timer() as t:
+                for update in updates:
+                    app.update_queue.put_nowait(update)
+                await asyncio.wait_for(counter.done.wait(), 600)
+        finally:
+            await app.stop()
+    finally:
+        await app.shutdown()
+    if counter.errors:
+        print(f"  {counter.errors} errors, first: {counter.first_error!r}", file=sys.stderr)
+    return n / t.seconds, counter.errors
+
+
+def session_handlers(storage: Any) -> Callable[[Application], None]:  # type: ignore[type-arg]
+    def add(app: Application) -> None:  # type: ignore[type-arg]
+        app.add_handler(
+            SessionHandler(
+                [MessageHandler(filters.TEXT, on_session)],
+                initial=lambda: {"n": 0},
+                storage=storage,
+            )
+        )
+
+    return add
+
+
+def chat_data_handlers(app: Application) -> None:  # type: ignore[type-arg]
+    app.add_handler(MessageHandler(filters.TEXT, on_chat_data))
+
+
+async def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    n = 1_000 if args.quick else 5_000
+    n_lazy = 2_000 if args.quick else 20_000
+    rounds = 1 if args.quick else 5
+    backends = await usable_backends(args.backends)
+    rows: list[list[object]] = []
+
+    def row(name: str, seq: tuple[float, int], conc: tuple[float, int], targets: str) -> None:
+        errors = seq[1] + conc[1]
+        rows.append(
+            [
+                name,
+                fmt_rate(seq[0]),
+                fmt_rate(conc[0]),
+                f"{conc[0] / seq[0]:.2f}x",
+                str(errors),
+                targets,
+            ]
+        )
+        print(f"done: {name}", file=sys.stderr)
+
+    row(
+        "plain context.chat_data, no persistence",
+        await run_sequential(chat_data_handlers, n),
+        await run_concurrent(chat_data_handlers, n),
+        "",
+    )
+    memory = MemoryStorage()
+    row(
+        "SessionHandler, MemoryStorage",
+        await run_sequential(session_handlers(memory), n),
+        await run_concurrent(session_handlers(memory), n),
+        "",
+    )
+    with temp_dir("ptb-sessions-bench-") as tmp:
+        for backend in backends:
+            url = backend_url(backend, tmp)
+            await reset_database(url)
+            storage = SQLAlchemyStorage(url)
+            try:
+                seq = await run_sequential(session_handlers(storage), n)
+                conc = await run_concurrent(session_handlers(storage), n)
+            finally:
+                await storage.close()
+                await reset_database(url)
+            targets = ""
+            if backend == "sqlite":
+                ok_seq = "met" if seq[0] >= TARGET_SEQUENTIAL else "MISSED"
+                ok_conc = "met" if conc[0] >= TARGET_CONCURRENT else "MISSED"
+                targets = (
+                    f">= {TARGET_SEQUENTIAL:,}/s: {ok_seq}; >= {TARGET_CONCURRENT:,}/s: {ok_conc}"
+                )
+            row(f"SessionHandler, SQLAlchemyStorage, {backend}", seq, conc, targets)
+
+        # lazy, never touched vs no SessionHandler at all; an empty handler and one that
+        # replies (a Bot API call answered in-process)
+        url = backend_url("sqlite", tmp)
+        await reset_database(url)
+        storage = SQLAlchemyStorage(url)
+        lazy_rows: list[list[object]] = []
+
+        def with_session(callback: Any) -> Callable[[Application], None]:  # type: ignore[type-arg]
+            def add(app: Application) -> None:  # type: ignore[type-arg]
+                app.add_handler(
+                    SessionHandler(
+                        [MessageHandler(filters.TEXT, callback)], lazy=True, storage=storage
+                    )
+                )
+
+            return add
+
+        def without_session(callback: Any) -> Callable[[Application], None]:  # type: ignore[type-arg]
+            def add(app: Application) -> None:  # type: ignore[type-arg]
+                app.add_handler(MessageHandler(filters.TEXT, callback))
+
+            return add
+
+        try:
+            for label, callback, count in (
+                ("empty handler", untouched, n_lazy),
+                ("handler that replies", untouched_reply, n_lazy // 4),
+            ):
+                lazy_rates, bare_rates = [], []
+                for _ in range(rounds):
+                    bare_rates.append((await run_sequential(without_session(callback), count))[0])
+                    lazy_rates.append((await run_sequential(with_session(callback), count))[0])
+                lazy_rate, bare_rate = median(lazy_rates), median(bare_rates)
+                slowdown = 1 - lazy_rate / bare_rate
+                overhead = 1 / lazy_rate - 1 / bare_rate
+                lazy_rows.append(
+                    [f"{label}, no SessionHandler", f"{count:,}", fmt_rate(bare_rate), "", "", ""]
+                )
+                lazy_rows.append(
+                    [
+                        f"{label}, SessionHandler(lazy=True, SQLite), never touched",
+                        f"{count:,}",
+                        fmt_rate(lazy_rate),
+                        f"{-slowdown:+.1%}",
+                        f"{overhead * 1e6:+.1f} µs",
+                        "met" if slowdown <= 0.10 else "MISSED",
+                    ]
+                )
+                print(f"done: lazy, {label}", file=sys.stderr)
+        finally:
+            await storage.close()
+            await reset_database(url)
+
+    print(f"\n{machine_line()}\n")
+    print(
+        markdown_table(
+            [
+                "configuration",
+                f"sequential ({n:,} updates)",
+                f"concurrent_updates({CONCURRENCY}) ({n:,} updates)",
+                "concurrent / sequential",
+                "errors",
+                "targets",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\n{CHATS:,} chats, round robin; strict session: one read and one changed write per "
+        "update. Each chat had one update before the timed run.\n"
+    )
+    print(
+        markdown_table(
+            [
+                "configuration",
+                "updates",
+                f"sequential, median of {rounds}",
+                "vs no SessionHandler",
+                "extra time per update",
+                "target (within 10%)",
+            ],
+            lazy_rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,448 @@
+"""``ptb-sessions export``, ``import`` and ``import-pickle``: moving rows in and out.
+
+The JSONL format of ``export`` / ``import`` is a lossless backup a user can read and diff: one
+JSON object per row, with the fields of :data:`FIELDS` in that order, sorted by namespace and
+key (by code point, on every backend). ``data`` is the stored text as is (JSON, or base64 for
+pickled rows), so importing it gives identical rows, ``version`` and timestamps included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final, TextIO, cast
+
+from sqlalchemy import Table, delete, func, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
+from telegram.ext import ExtBot, PicklePersistence
+
+from ptb_sessions._cli_common import CLIError, progress_bar, require_head
+from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
+from ptb_sessions._errors import SerializationError
+from ptb_sessions._schema import MAX_NAMESPACE_LENGTH, StoredRow
+from ptb_sessions._sqlalchemypersistence import (
+    BUILTIN_NAMESPACES,
+    SQLAlchemyPersistence,
+    encode_value,
+)
+from ptb_sessions._store import Database, check_key
+
+__all__ = ["FIELDS", "export_jsonl", "import_jsonl", "import_pickle"]
+
+#: The fields of one exported row, in the order they are written.
+FIELDS: Final = (
+    "namespace",
+    "key",
+    "codec",
+    "data",
+    "version",
+    "data_version",
+    "touched_at",
+    "expires_at",
+)
+_TABLE = cast(Table, StoredRow.__table__)
+_C = _TABLE.c
+_CHUNK: Final = 500
+_INT32: Final = 1 << 31
+#: The suffixes of the files of a ``PicklePersistence(single_file=False)``.
+PICKLE_SUFFIXES: Final = ("user_data", "chat_data", "bot_data", "callback_data", "conversations")
+#: A token for the bot that unpickling puts where the pickled data held PTB's bot.
+_PLACEHOLDER_TOKEN: Final = "123456:ptb-sessions-import-placeholder"
+
+
+# -- export -------------------------------------------------------------------------------
+
+
+def _row_line(row: Sequence[Any]) -> str:
+    obj = dict(zip(FIELDS, row))
+    for name in ("data_version", "touched_at", "expires_at"):
+        if obj[name] is not None:
+            obj[name] = float(obj[name])
+    obj["version"] = int(obj["version"])
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
+
+
+def _write(file: TextIO, line: str, path: Path) -> None:
+    try:
+        file.write(line)
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+async def export_jsonl(database: Database, path: Path) -> int:
+    """Write every row of ``database`` to ``path`` (JSONL, see the module docs), atomically:
+    the file appears only once complete. Returns the number of rows.
+
+    Raises:
+        CLIError: The database is not migrated, or the file cannot be written.
+        ptb_sessions.StorageError: The database failed.
+    """
+    await require_head(database)
+    namespace, key = _C.namespace, _C.key
+    if database.dialect == "postgresql":  # code point order, whatever the database's collation
+        namespace, key = namespace.collate("C"), key.collate("C")  # type: ignore[assignment]
+    query = select(*(_C[name] for name in FIELDS)).order_by(namespace, key)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    count = 0
+    try:
+        file = temporary.open("w", encoding="utf-8", newline="\n")
+    except OSError as exc:
+        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    try:
+        with file, progress_bar() as bar:
+            try:
+                async with database.engine.connect() as connection:
+                    await connection.execution_options(ptb_sessions_read_only=True)
+                    async with connection.begin():  # one snapshot of the whole table
+                        total = (
+                            await connection.execute(select(func.count()).select_from(_TABLE))
+                        ).scalar_one()
+                        task = bar.add_task(f"Exporting to {path.name}", total=total)
+                        result = await connection.stream(query.execution_options(yield_per=1000))
+                        async for row in result:
+                            _write(file, _row_line(row), path)
+                            count += 1
+                            bar.advance(task)
+            except (SQLAlchemyError, OSError) as exc:
+                raise database.error(exc, "Exporting the rows") from exc
+        try:
+            temporary.replace(path)
+        except OSError as exc:
+            raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        temporary.unlink(missing_ok=True)
+    return count
+
+
+# -- import -------------------------------------------------------------------------------
+
+
+def _number(obj: dict[str, Any], name: str, *, optional: bool) -> float | None:
+    value = obj[name]
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name!r} must be a number{' or null' if optional else ''}")
+    return float(value)
+
+
+def _validate(obj: Any) -> dict[str, Any]:
+    """The row to insert for one parsed line. Raises :exc:`ValueError` saying what is wrong."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, found {type(obj).__name__}")
+    missing = [name for name in FIELDS if name not in obj]
+    unknown = sorted(set(obj) - set(FIELDS))
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if unknown:
+            parts.append(f"unknown {', '.join(unknown)}")
+        raise ValueError(f"fields: {'; '.join(parts)}")
+    namespace, key, codec, data = obj["namespace"], obj["key"], obj["codec"], obj["data"]
+    if not isinstance(namespace, str) or not isinstance(key, str):
+        raise ValueError("'namespace' and 'key' must be strings")
+    if len(namespace) > MAX_NAMESPACE_LENGTH:
+        raise ValueError(f"'namespace' is longer than {MAX_NAMESPACE_LENGTH} characters")
+    check_key(namespace, key)
+    if not isinstance(codec, str) or not 0 < len(codec) <= 16:
+        raise ValueError("'codec' must be a string of 1 to 16 characters")
+    if data is not None and not isinstance(data, str):
+        raise ValueError("'data' must be a string or null")
+    version = obj["version"]
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not -_INT32 <= version < _INT32
+    ):
+        raise ValueError("'version' must be a 32-bit integer")
+    return {
+        "namespace": namespace,
+        "key": key,
+        "codec": codec,
+        "data": data,
+        "version": version,
+        "data_version": _number(obj, "data_version", optional=True),
+        "touched_at": _number(obj, "touched_at", optional=False),
+        "expires_at": _number(obj, "expires_at", optional=True),
+    }
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of each line of ``path``.
+
+    Raises:
+        CLIError: A line is not a valid row (a truncated or corrupted file), naming the line.
+    """
+    try:
+        with path.open("rb") as file:
+            for number, raw in enumerate(file, 1):
+                where = f"{path}:{number}"
+                if not raw.endswith(b"\n"):
+                    # the last line of a complete export ends with a newline
+                    hint = "the file is truncated (the last line has no newline)"
+                else:
+                    hint = "the file is corrupted"
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise CLIError(
+                        f"{where}: not UTF-8 ({exc.reason} at byte {exc.start}); {hint}; "
+                        "nothing was imported"
+                    ) from None
+                if not text.strip():
+                    raise CLIError(f"{where}: empty line; {hint}; nothing was imported")
+                try:
+                    obj = json.loads(text, parse_constant=_reject_constant)
+                except ValueError as exc:
+                    detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    column = (
+                        f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+                    )
+                    raise CLIError(
+                        f"{where}: not valid JSON ({detail}{column}); {hint}; nothing was imported"
+                    ) from None
+                try:
+                    row = _validate(obj)
+                except ValueError as exc:
+                    raise CLIError(
+                        f"{where}: not a ptb-sessions row ({exc}); {hint}; nothing was imported"
+                    ) from None
+                yield number, row
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def _check_file(path: Path) -> int:
+    """Validate every line of ``path`` before anything is written. Returns the row count."""
+    if not path.is_file():
+        raise CLIError(f"there is no file {path}")
+    seen: dict[tuple[str, str], int] = {}
+    for number, row in _rows(path):
+        first = seen.setdefault((row["namespace"], row["key"]), number)
+        if first != number:
+            raise CLIError(
+                f"{path}:{number}: {row['namespace']}[{row['key']!r}] is already on line "
+                f"{first}; nothing was imported"
+            )
+    return len(seen)
+
+
+async def _insert_chunk(
+    connection: AsyncConnection, rows: list[dict[str, Any]], *, replace: bool, url: str
+) -> None:
+    by_namespace: dict[str, list[str]] = {}
+    for row in rows:
+        by_namespace.setdefault(row["namespace"], []).append(row["key"])
+    for namespace, keys in by_namespace.items():
+        taken = (
+            await connection.execute(
+                select(_C.key).where(_C.namespace == namespace, _C.key.in_(keys)).limit(1)
+            )
+        ).first()
+        if taken is None:
+            continue
+        if not replace:
+            raise CLIError(
+                f"{namespace}[{taken[0]!r}] is already in {url}; nothing was imported (import "
+                "into an empty database, or pass --replace to overwrite the rows of the file)"
+            )
+        await connection.execute(delete(_TABLE).where(_C.namespace == namespace, _C.key.in_(keys)))
+    await connection.execute(_TABLE.insert(), rows)
+
+
+async def import_jsonl(database: Database, path: Path, *, replace: bool = False) -> int:
+    """Insert the rows of ``path`` (written by :func:`export_jsonl`) as they are, in one
+    transaction: first every line is checked, then everything is written or nothing. Creates
+    or upgrades the schema if needed. Returns the number of rows.
+
+    Raises:
+        CLIError: The file is missing, a line is not a valid row (naming the line), or a row
+            already exists (without ``replace``).
+        ptb_sessions.StorageError: The database failed; nothing was written.
+    """
+    total = _check_file(path)
+    with progress_bar() as bar:
+        task = bar.add_task(f"Importing {path.name}", total=total)
+        async with database.connect(f"Importing {path.name}") as connection:
+            chunk: list[dict[str, Any]] = []
+            for _, row in _rows(path):
+                chunk.append(row)
+                if len(chunk) == _CHUNK:
+                    await _insert_chunk(
+                        connection, chunk, replace=replace, url=database.masked_url
+                    )
+                    bar.advance(task, len(chunk))
+                    chunk = []
+            if chunk:
+                await _insert_chunk(connection, chunk, replace=replace, url=database.masked_url)
+                bar.advance(task, len(chunk))
+    return total
+
+
+# -- import-pickle --------------------------------------------------------------------------
+
+
+def _pickle_layout(path: Path) -> bool:
+    """Whether ``path`` is a single-file ``PicklePersistence`` (else the prefix of its files).
+
+    Raises:
+        CLIError: Neither ``path`` nor any ``path_<kind>`` file exists.
+    """
+    if path.is_file():
+        return True
+    if any(Path(f"{path}_{suffix}").is_file() for suffix in PICKLE_SUFFIXES):
+        return False
+    raise CLIError(
+        f"there is no PicklePersistence file {path} (single_file=True), nor "
+        f"{path}_user_data, {path}_chat_data, ... (single_file=False)"
+    )
+
+
+async def _load_pickle(path: Path) -> dict[str, Any]:
+    """Everything a ``PicklePersistence`` stored at ``path``, read by PTB's own class."""
+    single_file = _pickle_layout(path)
+    source: PicklePersistence[Any, Any, Any] = PicklePersistence(path, single_file=single_file)
+    # Pickled data may hold PTB's bot (replaced by a marker when pickled) or objects of the
+    # bot's own modules: a placeholder bot stands in for the first, the current directory is
+    # searched for the second.
+    source.set_bot(ExtBot(_PLACEHOLDER_TOKEN))
+    sys.path.insert(0, os.getcwd())
+    try:
+        data = {
+            "user_data": await source.get_user_data(),
+            "chat_data": await source.get_chat_data(),
+            "bot_data": await source.get_bot_data(),
+            "callback_data": await source.get_callback_data(),
+        }
+        await source.get_conversations("")
+    except TypeError as exc:  # how PicklePersistence reports unreadable files
+        cause = exc.__cause__
+        reason = f"{exc} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
+        raise CLIError(f"cannot read {path}: {reason}") from exc
+    finally:
+        sys.path.remove(os.getcwd())
+    conversations = {
+        name: {key: state for key, state in states.items() if state is not None}
+        for name, states in (source.conversations or {}).items()
+    }
+    data["conversations"] = {name: states for name, states in conversations.items() if states}
+    callback_data = data["callback_data"]
+    if not (isinstance(callback_data, tuple | list) and len(callback_data) == 2):
+        data["callback_data"] = None  # old files hold {} when there is none
+    return data
+
+
+def _check_encodable(codec: Codec, data: dict[str, Any]) -> None:
+    """Encode every value before writing any, so an unencodable one stops the import whole."""
+
+    def values() -> Iterator[tuple[str, Any]]:
+        for kind in ("user_data", "chat_data"):
+            for item_id, value in data[kind].items():
+                yield f"{kind}[{item_id}]", value
+        if data["bot_data"]:
+            yield "bot_data", data["bot_data"]
+        if data["callback_data"] is not None:
+            yield "callback_data", data["callback_data"]
+        for name, states in data["conversations"].items():
+            for key, state in states.items():
+                yield f"conversation:{name}[{list(key)}]", state
+
+    for root, value in values():
+        try:
+            encode_value(codec, value, root, None)
+        except SerializationError as exc:
+            hint = (
+                " (pass --codec pickle to store arbitrary objects)" if codec.name == "json" else ""
+            )
+            raise CLIError(f"{exc}; nothing was imported{hint}") from None
+
+
+async def import_pickle(
+    url: Any, path: Path, *, codec_name: str = "json", overwrite: bool = False
+) -> dict[str, int]:
+    """Copy the data of a ``PicklePersistence`` into the database through
+    :class:`~ptb_sessions.SQLAlchemyPersistence`'s own ``update_*`` methods, then
+    :meth:`~ptb_sessions.SQLAlchemyPersistence.flush`, so the rows are exactly those the
+    persistence would write. Creates or upgrades the schema if needed.
+
+    Returns:
+        How many entries of each kind were copied.
+
+    Raises:
+        CLIError: The file is missing or unreadable, a value cannot be encoded, or the
+            database already holds PTB data (without ``overwrite``).
+    """
+    data = await _load_pickle(path)
+    codec: Codec = PickleCodec() if codec_name == "pickle" else JSONCodec()
+    _check_encodable(codec, data)
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url, codec=codec)
+    database = persistence.database
+    try:
+        if not overwrite:
+            await database.ensure_schema()
+            taken = [
+                f"{namespace} ({rows} rows)"
+                for namespace, rows, _, _ in await database.stats()
+                if namespace in BUILTIN_NAMESPACES or namespace.startswith("conversation:")
+            ]
+            if taken:
+                raise CLIError(
+                    f"the database {database.masked_url} already holds PTB data: "
+                    f"{', '.join(taken)}; nothing was imported (pass --overwrite to replace "
+                    "the entries of the pickle file and keep the others)"
+                )
+        # Load what is stored, as Application.initialize does, so overwritten rows are written
+        # with their current versions.
+        await persistence.get_user_data()
+        await persistence.get_chat_data()
+        await persistence.get_bot_data()
+        await persistence.get_callback_data()
+        for name in data["conversations"]:
+            await persistence.get_conversations(name)
+        counts = await _write_pickled(persistence, data, path)
+    finally:
+        await persistence.flush()
+    return counts
+
+
+async def _write_pickled(
+    persistence: SQLAlchemyPersistence[Any, Any, Any], data: dict[str, Any], path: Path
+) -> dict[str, int]:
+    calls: list[Any] = []
+    counts = {"user_data": 0, "chat_data": 0, "bot_data": 0, "callback_data": 0}
+    for user_id, value in data["user_data"].items():
+        calls.append((persistence.update_user_data, (user_id, value)))
+    counts["user_data"] = len(data["user_data"])
+    for chat_id, value in data["chat_data"].items():
+        calls.append((persistence.update_chat_data, (chat_id, value)))
+    counts["chat_data"] = len(data["chat_data"])
+    if data["bot_data"]:
+        calls.append((persistence.update_bot_data, (data["bot_data"],)))
+        counts["bot_data"] = 1
+    if data["callback_data"] is not None:
+        calls.append((persistence.update_callback_data, (data["callback_data"],)))
+        counts["callback_data"] = 1
+    for name, states in data["conversations"].items():
+        for key, state in states.items():
+            calls.append((persistence.update_conversation, (name, key, state)))
+        counts[f"conversation:{name}"] = len(states)
+    with progress_bar() as bar:
+        task = bar.add_task(f"Importing {path.name}", total=len(calls))
+        for start in range(0, len(calls), _CHUNK):
+            chunk = calls[start : start + _CHUNK]
+            # started in one loop iteration, like Application.update_persistence does: the
+            # persistence writes each chunk in one transaction
+            await asyncio.gather(*(method(*args) for method, args in chunk))
+            bar.advance(task, len(chunk))
+    return counts

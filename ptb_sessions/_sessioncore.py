@@ -1,0 +1,562 @@
+"""The engine behind ``context.session``: one :class:`_Cell` per session property and update.
+
+A cell loads (strict) or prepares (lazy) one value, hands it to the handler through a facade
+(the value itself, a :class:`LazySession`, a :class:`_MultiSession` or a :class:`_NoKeySession`)
+and, after the handler, writes it back only if its encoding changed. Strict, lazy and multi
+sessions are all made of cells; only the facades differ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from typing import Any, Final, Generic, Protocol, TypeVar, cast
+
+from telegram import Update
+
+from ptb_sessions._errors import SerializationError, SessionKeyError
+
+__all__ = ["MISSING", "LazySession", "Spec", "binding_for"]
+
+T = TypeVar("T")
+
+MISSING: Final[Any] = object()
+"""Marks an absent attribute of a plain :class:`~telegram.ext.CallbackContext`."""
+_UNKNOWN: Final[Any] = object()
+"""A baseline that equals no encoding: the value is always written."""
+
+_UNREAD, _LOADING, _PENDING, _READY = 0, 1, 2, 3
+_KEY_REASONS: Final = {
+    "by_chat": "does not belong to a chat",
+    "by_chat_and_thread": "does not belong to a chat",
+    "by_user": "has no user",
+    "by_user_and_chat": "does not have both a user and a chat",
+}
+
+
+class _Encoder(Protocol):
+    """What a cell needs of a codec."""
+
+    def encode(self, value: Any) -> str | bytes: ...
+
+
+class Spec:
+    """The fixed configuration of one session property (the session, or one fragment).
+
+    Args:
+        name: The fragment name, or :obj:`None` for a single session.
+        storage: The storage (after :func:`~ptb_sessions.enhance_storage`, if any).
+        lock_id: What the per-key lock table calls the storage (see ``lock_scope``), so every
+            handler on one storage shares the locks.
+        key_fn: The key function.
+        prefix: Put in front of every key.
+        initial: Makes the value of a new key, or :obj:`None`.
+        lazy: Whether the value is read only when awaited.
+        db_lock: Whether ``storage.lock(key)`` is held from load to save.
+        codec: Encodes values to detect changes.
+    """
+
+    __slots__ = (
+        "builtin_key",
+        "codec",
+        "db_lock",
+        "initial",
+        "key_fn",
+        "lazy",
+        "lock_id",
+        "name",
+        "prefix",
+        "storage",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str | None,
+        storage: Any,
+        lock_id: tuple[int, str],
+        key_fn: Callable[[Update], str | None],
+        prefix: str,
+        initial: Callable[[], Any] | None,
+        lazy: bool,
+        db_lock: bool,
+        codec: Any,
+    ) -> None:
+        self.name = name
+        self.storage = storage
+        self.lock_id = lock_id
+        self.key_fn = key_fn
+        self.prefix = prefix
+        self.initial = initial
+        self.lazy = lazy
+        self.db_lock = db_lock
+        self.codec: _Encoder = codec
+        self.builtin_key = getattr(key_fn, "__module__", None) == "ptb_sessions._keys"
+
+    def full_key(self, update: object) -> str | None:
+        """``prefix + key_fn(update)``, or :obj:`None` if the update has no key. A key that is
+        not a :obj:`str` is converted; the built-in key functions give no key for updates that
+        are not :class:`telegram.Update` (e.g. custom updates of a ``TypeHandler``)."""
+        if self.builtin_key and not isinstance(update, Update):
+            return None
+        key = self.key_fn(update)  # type: ignore[arg-type]
+        if key is None:
+            return None
+        return self.prefix + (key if isinstance(key, str) else str(key))
+
+
+def update_type(update: object) -> str:
+    """The kind of ``update`` for messages, e.g. ``"inline_query"``."""
+    if isinstance(update, Update):
+        for kind in Update.ALL_TYPES:
+            if getattr(update, kind, None) is not None:
+                return str(kind)
+        return "unknown"
+    return type(update).__name__
+
+
+def no_key_error(spec: Spec, update: object, action: str) -> SessionKeyError:
+    """The :class:`~ptb_sessions.SessionKeyError` for using ``spec``'s session on ``update``,
+    whose key function returned :obj:`None`. ``action`` is ``"access"`` or ``"assign"``."""
+    lazy = "lazy " if spec.lazy else ""
+    what = f"{lazy}session data" if spec.name is None else f"{lazy}session fragment {spec.name!r}"
+    fn = spec.key_fn
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    kind = update_type(update)
+    reason = (
+        _KEY_REASONS.get(name) if getattr(fn, "__module__", "") == "ptb_sessions._keys" else None
+    )
+    if reason is not None:
+        why = f"this {kind} update {reason}, so the session key function {name} returned None"
+    else:
+        why = f"the custom session key function {name} returned None for this {kind} update"
+    return SessionKeyError(
+        f"Cannot {action} {what} because {why}. Use the session only in updates that have a "
+        "key (e.g. filter the handlers), or choose a key function that fits these updates."
+    )
+
+
+class LazySession(Generic[T]):
+    """``context.session`` of a lazy session (``SessionHandler(..., lazy=True)``): a value that
+    is read from the storage only when awaited.
+
+    * ``await context.session`` reads the stored value (or makes :paramref:`initial`) once per
+      update; later awaits return the same object.
+    * ``context.session = value`` replaces it without reading; ``value`` may be an awaitable,
+      which is awaited before the value is written (or when ``context.session`` is awaited).
+    * If the session is never awaited nor assigned, nothing is read and nothing is written.
+
+    The value is written back after the handler if its encoding changed, like a strict session.
+    With a plain :class:`~telegram.ext.CallbackContext` an assignment replaces the
+    :class:`LazySession` itself, so await it before assigning (or use
+    :class:`~ptb_sessions.SessionContext`, whose ``session`` keeps returning it).
+    """
+
+    __slots__ = ("_cell",)
+
+    def __init__(self, cell: _Cell) -> None:
+        self._cell = cell
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return cast(Generator[Any, None, T], self._cell.resolve().__await__())
+
+    def __repr__(self) -> str:
+        cell = self._cell
+        state = "read" if cell.state == _READY else "not read"
+        return f"<LazySession key={cell.key!r} ({state})>"
+
+
+class _NoKeySession:
+    """``context.session`` of a plain :class:`~telegram.ext.CallbackContext` when the update has
+    no session key: any use raises :class:`~ptb_sessions.SessionKeyError`."""
+
+    __slots__ = ("_spec", "_update")
+
+    def __init__(self, spec: Spec, update: object) -> None:
+        object.__setattr__(self, "_spec", spec)
+        object.__setattr__(self, "_update", update)
+
+    def _fail(self, *_: object, **__: object) -> Any:
+        raise no_key_error(self._spec, self._update, "access")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return self._fail()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        self._fail()
+
+    def __delattr__(self, name: str) -> None:
+        self._fail()
+
+    def __repr__(self) -> str:
+        name = getattr(self._spec.key_fn, "__qualname__", "the key function")
+        return f"<no session: {name} returned None>"
+
+    __hash__ = object.__hash__
+
+
+for _name in (
+    "__getitem__", "__setitem__", "__delitem__", "__iter__", "__aiter__", "__len__",
+    "__bool__", "__contains__", "__await__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__",
+    "__ge__", "__call__", "__str__", "__int__", "__float__", "__index__", "__add__", "__radd__",
+    "__iadd__", "__sub__", "__rsub__", "__isub__", "__mul__", "__or__", "__and__", "__neg__",
+    "__enter__", "__aenter__", "__reversed__",
+):  # fmt: skip
+    setattr(_NoKeySession, _name, _NoKeySession._fail)
+
+
+class _Cell:
+    """One session property (the session or one fragment) during one update.
+
+    States: unread (lazy, untouched), loading (a read is in flight), pending (an awaitable was
+    assigned) and ready (the value is known).
+    """
+
+    __slots__ = (
+        "baseline",
+        "facade",
+        "gen",
+        "key",
+        "locks",
+        "pending",
+        "previous",
+        "spec",
+        "state",
+        "stored",
+        "update",
+        "value",
+        "waiter",
+    )
+
+    def __init__(self, spec: Spec, key: str | None, update: object) -> None:
+        self.spec = spec
+        self.key = key
+        self.update = update
+        self.state = _UNREAD
+        self.value: Any = None
+        self.baseline: Any = _UNKNOWN  # encoding of the value as loaded; None: nothing
+        self.stored: bool | None = None  # whether the storage has a value; None: unknown
+        self.gen = 0  # bumped by every assignment, so an older read does not overwrite it
+        self.pending: Awaitable[Any] | None = None
+        self.previous: Any = None  # (state, value, pending, previous) before an awaitable
+        self.waiter: asyncio.Future[None] | None = None
+        self.facade: Any = None
+        self.locks: AsyncExitStack | None = None  # lazy + db lock: where the lock is entered
+
+    # --- loading -------------------------------------------------------------------------
+
+    def _encode(self, value: Any) -> str | bytes:
+        try:
+            return self.spec.codec.encode(value)
+        except SerializationError as exc:
+            name = "session" if self.spec.name is None else f"session.{self.spec.name}"
+            raise exc.located(f"{name}[{self.key!r}]") from exc
+
+    def _baseline(self, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return self.spec.codec.encode(value)
+        except SerializationError:
+            return _UNKNOWN  # compared unequal: the save encodes again and reports the error
+
+    async def _enter_db_lock(self) -> None:
+        locks = self.locks
+        if locks is not None:
+            self.locks = None
+            storage = self.spec.storage
+            await locks.enter_async_context(
+                cast(AbstractAsyncContextManager[Any], storage.lock(self.key))
+            )
+
+    async def load(self) -> None:
+        """Read the stored value (or make the initial one) and remember its encoding."""
+        spec = self.spec
+        if self.locks is not None:
+            await self._enter_db_lock()
+        gen = self.gen
+        value = await spec.storage.read(self.key)
+        if value is None:
+            self.stored = False
+            if spec.initial is not None:
+                value = spec.initial()
+        else:
+            self.stored = True
+        # an untouched initial value is not written: its encoding is the baseline
+        self.baseline = self._baseline(value)
+        if gen == self.gen:  # else assigned while reading: the assigned value wins
+            self.value = value
+            self.state = _READY
+
+    async def resolve(self) -> Any:
+        """The value, reading it or awaiting an assigned awaitable first if needed."""
+        while self.state != _READY:
+            if self.key is None:
+                raise no_key_error(self.spec, self.update, "access")
+            if self.state == _PENDING:
+                await self._resolve_pending()
+                continue
+            waiter = self.waiter
+            if waiter is not None:
+                await asyncio.shield(waiter)
+                continue
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
+            gen = self.gen
+            try:
+                self.state = _LOADING
+                await self.load()
+            except BaseException:
+                if gen == self.gen:
+                    self.state = _UNREAD
+                raise
+            finally:
+                self.waiter = None
+                waiter.set_result(None)
+        return self.value
+
+    async def _resolve_pending(self) -> None:
+        """Await the assigned awaitable. While it runs, the session is what it was before the
+        assignment, so ``context.session = change(context.session)`` works."""
+        awaitable = cast(Awaitable[Any], self.pending)
+        self.state, self.value, self.pending, self.previous = self.previous
+        gen = self.gen
+        value = await awaitable
+        if gen == self.gen:  # else assigned again meanwhile: that assignment wins
+            self.value = value
+            self.state = _READY
+
+    def assign(self, value: Any) -> None:
+        """Replace the value (lazy): no read; an awaitable is awaited before the write."""
+        if value is self.facade:
+            return
+        self.gen += 1
+        if inspect.isawaitable(value):
+            self.previous = (self.state, self.value, self.pending, self.previous)
+            self.pending = value
+            self.state = _PENDING
+        else:
+            self.pending = None
+            self.previous = None
+            self.value = value
+            self.state = _READY
+
+    # --- the binding to the context ------------------------------------------------------
+
+    def get(self) -> Any:
+        """``context.session`` (or the fragment) as a :class:`SessionContext` returns it."""
+        if self.key is None:
+            raise no_key_error(self.spec, self.update, "access")
+        if self.spec.lazy:
+            return self.facade
+        return self.value
+
+    def set(self, value: Any) -> None:
+        """``context.session = value`` on a :class:`SessionContext` (or a fragment)."""
+        if self.key is None:
+            raise no_key_error(self.spec, self.update, "assign")
+        if self.spec.lazy:
+            self.assign(value)
+        else:
+            self.value = value
+
+    def public(self) -> Any:
+        """What is put into ``context.session`` of a plain context."""
+        if self.key is None:
+            if self.facade is None:
+                self.facade = _NoKeySession(self.spec, self.update)
+            return self.facade
+        if self.spec.lazy:
+            return self.facade
+        return self.value
+
+    def adopt(self, value: Any) -> None:
+        """Take over what the handler left in ``context.session`` of a plain context."""
+        if self.key is None:
+            if value is not self.facade:
+                raise no_key_error(self.spec, self.update, "assign")
+            return
+        if value is MISSING:
+            value = None
+        if self.spec.lazy:
+            self.assign(value)
+        else:
+            self.value = value
+
+    # --- saving --------------------------------------------------------------------------
+
+    async def settle(self) -> None:
+        """Finish a read in flight or an assigned awaitable before saving."""
+        if self.key is not None and self.state not in (_UNREAD, _READY):
+            await self.resolve()
+
+    def plan(self) -> tuple[bool, Any] | None:
+        """What to save: ``(True, value)`` to write, ``(False, None)`` to delete, :obj:`None`
+        for nothing. Raises :class:`~ptb_sessions.SerializationError` for a value that cannot
+        be encoded."""
+        if self.key is None or self.state != _READY:
+            return None
+        value = self.value
+        if value is None:
+            return None if self.stored is False else (False, None)
+        if self._encode(value) == self.baseline:
+            return None
+        return True, value
+
+    async def execute(self, plan: tuple[bool, Any]) -> None:
+        """Carry out :meth:`plan`'s result."""
+        if self.locks is not None:
+            await self._enter_db_lock()
+        storage = self.spec.storage
+        if plan[0]:
+            await storage.write(self.key, plan[1])
+        else:
+            await storage.delete(self.key)
+
+
+class _MultiSession:
+    """``context.session`` of a multi session: one attribute per fragment."""
+
+    __slots__ = ("_cells",)
+
+    def __init__(self, cells: dict[str, _Cell]) -> None:
+        object.__setattr__(self, "_cells", cells)
+
+    def __getattr__(self, name: str) -> Any:
+        cell = self._cells.get(name)
+        if cell is None:
+            raise AttributeError(self._unknown(name))
+        return cell.get()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        cell = self._cells.get(name)
+        if cell is None:
+            raise AttributeError(self._unknown(name))
+        cell.set(value)
+
+    def __delattr__(self, name: str) -> None:
+        self.__setattr__(name, None)
+
+    def __dir__(self) -> list[str]:
+        return sorted(self._cells)
+
+    def __repr__(self) -> str:
+        return f"<multi session: {', '.join(self._cells)}>"
+
+    def _unknown(self, name: str) -> str:
+        return (
+            f"The session has no fragment {name!r} (fragments: {', '.join(self._cells)}). "
+            "Only configured fragments are saved: add it to SessionHandler(fragments=...)."
+        )
+
+
+class _Binding:
+    """The session of one update: its cells and how ``context.session`` shows them."""
+
+    __slots__ = ("cells",)
+
+    def __init__(self, cells: Sequence[_Cell]) -> None:
+        self.cells = cells
+
+    def get(self) -> Any:
+        raise NotImplementedError
+
+    def set(self, value: Any) -> None:
+        raise NotImplementedError
+
+    def public(self) -> Any:
+        raise NotImplementedError
+
+    def adopt(self, value: Any) -> None:
+        raise NotImplementedError
+
+    async def save(self) -> None:
+        """Write back (or delete) the values whose encoding changed. Every value is encoded
+        before anything is written, so an unencodable fragment stops all writes."""
+        cells = self.cells
+        for cell in cells:
+            await cell.settle()
+        plans = [(cell, cell.plan()) for cell in cells]
+        for cell, plan in plans:
+            if plan is not None:
+                await cell.execute(plan)
+
+
+class _SingleBinding(_Binding):
+    __slots__ = ("cell",)
+
+    def __init__(self, cell: _Cell) -> None:
+        super().__init__((cell,))
+        self.cell = cell
+
+    def get(self) -> Any:
+        return self.cell.get()
+
+    def set(self, value: Any) -> None:
+        self.cell.set(value)
+
+    def public(self) -> Any:
+        return self.cell.public()
+
+    def adopt(self, value: Any) -> None:
+        self.cell.adopt(value)
+
+    async def save(self) -> None:
+        cell = self.cell
+        if cell.state != _READY:
+            await cell.settle()
+        plan = cell.plan()
+        if plan is not None:
+            await cell.execute(plan)
+
+
+class _MultiBinding(_Binding):
+    __slots__ = ("facade",)
+
+    def __init__(self, cells: Sequence[_Cell]) -> None:
+        super().__init__(cells)
+        named = {cast(str, cell.spec.name): cell for cell in cells}
+        self.facade = _MultiSession(named)
+
+    def get(self) -> Any:
+        return self.facade
+
+    def set(self, value: Any) -> None:
+        if value is self.facade:
+            return
+        if value is not None:
+            raise TypeError(
+                "A multi session cannot be replaced: assign its fragments "
+                "(context.session.<fragment> = ...), or None to delete them all."
+            )
+        for cell in self.cells:
+            if cell.key is not None:  # keyless fragments have nothing to delete
+                cell.set(None)
+
+    def public(self) -> Any:
+        return self.facade
+
+    def adopt(self, value: Any) -> None:
+        self.set(None if value is MISSING else value)
+
+
+def binding_for(cells: Sequence[_Cell], multi: bool) -> _Binding:
+    """The binding of ``cells`` (one cell unless ``multi``); lazy cells get their facade."""
+    for cell in cells:
+        if cell.spec.lazy and cell.key is not None:
+            cell.facade = LazySession[Any](cell)
+    if multi:
+        return _MultiBinding(cells)
+    return _SingleBinding(cells[0])
+
+
+def new_cell(spec: Spec, update: object, locks: AsyncExitStack | None) -> _Cell:
+    """A cell for ``spec`` in ``update``; a lazy cell with a database lock enters it on
+    ``locks`` when first read or saved."""
+    cell = _Cell(spec, spec.full_key(update), update)
+    if spec.lazy and spec.db_lock:
+        cell.locks = locks
+    return cell

@@ -1,0 +1,700 @@
+"""The ``ptb-sessions`` command (SPEC section 8), run in-process through ``main(argv)`` on every
+backend, and as a subprocess where only a real process shows a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _bot import builder, message_update, process
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
+from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram.error import InvalidToken
+from telegram.ext import (
+    Application,
+    CommandHandler,
+    ContextTypes,
+    ConversationHandler,
+    MessageHandler,
+    PicklePersistence,
+    filters,
+)
+
+from ptb_sessions import PickleCodec, SQLAlchemyPersistence, _alembic, _cli_transfer, _demo
+from ptb_sessions._demo import count_pizzas
+from ptb_sessions._schema import StoredRow
+from ptb_sessions._sessionhandler import SessionHandler
+from ptb_sessions._url import to_async_url
+from ptb_sessions.cli import main
+
+UNREACHABLE = "postgresql://someone:s3cr3t-pw@127.0.0.1:1/nothing"
+UNREACHABLE_MARIADB = "mysql://someone:s3cr3t-pw@127.0.0.1:1/nothing"
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PTB_SESSIONS_URL", raising=False)
+    monkeypatch.delenv("TELEGRAM_BOT_TOKEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``ptb-sessions argv`` in-process: (exit status, stdout, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ptb-sessions: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, err)
+
+
+def all_rows(url: str) -> list[tuple[Any, ...]]:
+    """Every row, every column, sorted by namespace and key."""
+
+    async def read() -> list[tuple[Any, ...]]:
+        engine = create_async_engine(to_async_url(url), poolclass=NullPool)
+        try:
+            async with engine.connect() as connection:
+                result = await connection.execute(select(StoredRow.__table__))
+                return sorted(tuple(row) for row in result)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def revision(url: str) -> str | None:
+    async def read() -> str | None:
+        engine = create_async_engine(to_async_url(url), poolclass=NullPool)
+        try:
+            return await _alembic.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+def sqlite_file(url: str) -> Path | None:
+    return Path(url.split(":///", 1)[1]) if url.startswith("sqlite") else None
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def populate(url: str) -> None:
+    """Rows of every kind: PTB's data, a conversation, sessions (one pickled, one migrated),
+    one expired row, keys whose order depends on collations."""
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url)
+    await persistence.update_chat_data(-100123, {"cart": [1, 2], "note": "pizza 🍕"})
+    await persistence.update_user_data(7, {"name": "Ann"})
+    await persistence.update_bot_data({"total": 3})
+    await persistence.update_conversation("order", (5, 7), 1)
+    storage = persistence.storage("session")
+    for key in ("B", "a", "_x", "é", "Z", "10", "9", "a b", "ä"):
+        await storage.write(key, {"key": key})
+    await persistence.flush()
+    migrated: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+        url, migrations={1: lambda v: v, 2.5: lambda v: v}
+    )
+    await migrated.update_user_data(8, {"v": 2})
+    await migrated.flush()
+    pickled: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url, codec=PickleCodec())
+    await pickled.storage("pickled").write("f", fractions.Fraction(1, 3))
+    await pickled.flush()
+    expired: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+        url, ttl=10, clock=Clock(1000.0)
+    )
+    await expired.update_user_data(9, {"old": True})
+    await expired.flush()
+
+
+# -- db ----------------------------------------------------------------------------------
+
+
+def test_db_upgrade_current_check_downgrade(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    head = _alembic.head_revision()
+    code, out, err = cli(capsys, "--url", db_url, "db", "current")
+    assert (code, out.strip(), err) == (0, "none (not migrated)", "")
+    code, out, err = cli(capsys, "--url", db_url, "db", "check")
+    assert_one_error_line(code, err, "not migrated", f"not at head {head}", "db upgrade")
+    assert out == ""
+    if (path := sqlite_file(db_url)) is not None:
+        assert not path.exists()  # current and check do not create the file
+
+    code, out, err = cli(capsys, "--url", db_url, "db", "upgrade")
+    assert (code, err) == (0, "")
+    assert f"none -> {head}" in out
+    assert revision(db_url) == head
+    code, out, _ = cli(capsys, "--url", db_url, "db", "current")
+    assert (code, out.strip()) == (0, f"{head} (head)")
+    code, out, err = cli(capsys, "--url", db_url, "db", "check")
+    assert (code, err) == (0, "")
+    assert f"at head {head}" in out
+    code, out, _ = cli(capsys, "--url", db_url, "db", "upgrade")
+    assert code == 0
+    assert f"stays at revision {head}" in out
+
+    code, out, err = cli(capsys, "--url", db_url, "db", "downgrade", "base")
+    assert (code, err) == (0, "")
+    assert f"{head} -> none" in out
+    assert revision(db_url) is None
+    code, _, err = cli(capsys, "--url", db_url, "db", "check")
+    assert code == 1
+    code, _, err = cli(capsys, "--url", db_url, "db", "downgrade", "nonsense")
+    assert_one_error_line(code, err, "nonsense")
+
+
+def test_url_from_environment_and_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = cli(capsys, "db", "upgrade")
+    assert code == 0
+    assert (tmp_path / "ptb_sessions.sqlite3").exists()
+    assert "ptb_sessions.sqlite3" in out
+    monkeypatch.setenv("PTB_SESSIONS_URL", f"sqlite:///{tmp_path / 'env.sqlite3'}")
+    code, out, _ = cli(capsys, "db", "upgrade")
+    assert code == 0
+    assert (tmp_path / "env.sqlite3").exists()
+    assert "env.sqlite3" in out
+
+
+# -- stats, show, purge-expired ---------------------------------------------------------------
+
+
+def _table_row(out: str, name: str) -> list[str]:
+    for line in out.splitlines():
+        cells = [cell.strip() for cell in line.strip("│┃ ").split("│")]
+        if cells and cells[0] == name:
+            return cells[1:]
+    raise AssertionError(f"no row {name!r} in\n{out}")
+
+
+def test_stats_show_and_purge_expired(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    asyncio.run(populate(db_url))
+    code, out, err = cli(capsys, "--url", db_url, "stats")
+    assert (code, err) == (0, "")
+    assert _table_row(out, "chat_data")[0] == "1"
+    assert _table_row(out, "session")[0] == "9"
+    assert _table_row(out, "user_data")[0] == "3"
+    assert _table_row(out, "user_data")[2] == "1"  # expired
+    assert _table_row(out, "conversation:order")[0] == "1"
+    assert _table_row(out, "total")[0] == "16"
+    assert int(_table_row(out, "bot_data")[1]) == len('{"total":3}')
+
+    code, out, err = cli(capsys, "--url", db_url, "show", "chat_data", "-100123")
+    assert (code, err) == (0, "")
+    assert "chat_data['-100123']" in out
+    assert "'cart': [1, 2]" in out
+    assert "'note': 'pizza 🍕'" in out
+    assert "codec json" in out
+    code, out, _ = cli(capsys, "--url", db_url, "show", "bot_data")
+    assert (code, "'total': 3" in out) == (0, True)
+    code, out, _ = cli(capsys, "--url", db_url, "show", "conversation:order", "[5, 7]")
+    assert code == 0
+    assert out.splitlines()[-1] == "1"
+    code, out, _ = cli(capsys, "--url", db_url, "show", "user_data", "8")
+    assert code == 0
+    assert "data version 2.5" in out
+    code, out, _ = cli(capsys, "--url", db_url, "show", "pickled", "f")
+    assert code == 0
+    assert "Fraction(1, 3)" in out
+    code, out, _ = cli(capsys, "--url", db_url, "show", "user_data", "9")
+    assert code == 0
+    assert "expired" in out
+    code, out, _ = cli(capsys, "--url", db_url, "show", "session", "é", "--raw")
+    assert code == 0
+    assert out.splitlines()[-1] == '{"key":"é"}'
+
+    code, _, err = cli(capsys, "--url", db_url, "show", "nonsense", "1")
+    assert_one_error_line(code, err, "unknown namespace 'nonsense'", "chat_data", "session")
+    code, _, err = cli(capsys, "--url", db_url, "show", "chat_data", "abc")
+    assert_one_error_line(code, err, "chat ids", "'abc'")
+    code, _, err = cli(capsys, "--url", db_url, "show", "chat_data", "42")
+    assert_one_error_line(code, err, "chat_data['42'] is not stored")
+    code, _, err = cli(capsys, "--url", db_url, "show", "session")
+    assert_one_error_line(code, err, "KEY")
+
+    code, out, err = cli(capsys, "--url", db_url, "purge-expired")
+    assert (code, err) == (0, "")
+    assert "deleted 1 expired rows" in out
+    code, out, _ = cli(capsys, "--url", db_url, "stats")
+    assert _table_row(out, "user_data") == ["2", _table_row(out, "user_data")[1], "0"]
+    code, _, err = cli(capsys, "--url", db_url, "show", "user_data", "9")
+    assert_one_error_line(code, err, "is not stored")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stats"],
+        ["show", "chat_data", "1"],
+        ["purge-expired"],
+        ["export", "out.jsonl"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_read_commands_never_upgrade(
+    db_url: str, argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = cli(capsys, "--url", db_url, *argv)
+    assert out == ""
+    if (path := sqlite_file(db_url)) is not None:
+        assert_one_error_line(code, err, "no database file", "db upgrade")
+        assert not path.exists()
+    else:
+        assert_one_error_line(code, err, "is not migrated", "db upgrade")
+        assert revision(db_url) is None
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_read_commands_refuse_an_old_schema(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli(capsys, "--url", db_url, "db", "upgrade")[0] == 0
+    assert cli(capsys, "--url", db_url, "db", "downgrade", "base")[0] == 0
+    code, _, err = cli(capsys, "--url", db_url, "stats")
+    assert_one_error_line(code, err, "is not migrated", "db upgrade")
+    assert revision(db_url) is None
+
+
+# -- export / import -----------------------------------------------------------------------
+
+
+def test_export_import_round_trip(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(populate(db_url))
+    before = all_rows(db_url)
+    backup = tmp_path / "backup.jsonl"
+    code, out, err = cli(capsys, "--url", db_url, "export", str(backup))
+    assert (code, err) == (0, "")
+    assert f"exported {len(before)} rows" in out
+    lines = backup.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(before)
+    objects = [json.loads(line) for line in lines]
+    assert list(objects[0]) == list(_cli_transfer.FIELDS)
+    order = [(o["namespace"], o["key"]) for o in objects]
+    assert order == sorted(order)  # code point order on every backend
+    assert '"key":"é"' in backup.read_text(encoding="utf-8")  # readable, not \u escapes
+
+    # into an empty, unmigrated database
+    assert cli(capsys, "--url", db_url, "db", "downgrade", "base")[0] == 0
+    code, out, err = cli(capsys, "--url", db_url, "import", str(backup))
+    assert (code, err) == (0, "")
+    assert f"imported {len(before)} rows" in out
+    assert all_rows(db_url) == before  # every column, version and timestamps included
+
+    again = tmp_path / "again.jsonl"
+    assert cli(capsys, "--url", db_url, "export", str(again))[0] == 0
+    assert again.read_bytes() == backup.read_bytes()
+
+    # a second import collides; --replace overwrites
+    code, _, err = cli(capsys, "--url", db_url, "import", str(backup))
+    assert_one_error_line(code, err, "is already in", "nothing was imported", "--replace")
+    assert all_rows(db_url) == before
+    objects[0]["data"] = '{"changed":true}'
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("".join(json.dumps(o) + "\n" for o in objects), encoding="utf-8")
+    code, _, err = cli(capsys, "--url", db_url, "import", "--replace", str(changed))
+    assert (code, err) == (0, "")
+    after = all_rows(db_url)
+    assert after != before
+    assert len(after) == len(before)
+    assert {row[3] for row in after} >= {'{"changed":true}'}
+
+
+def _corrupt(lines: list[str], how: str) -> tuple[str, int]:
+    if how == "truncated":
+        return "".join(lines[:2]) + lines[2][: len(lines[2]) // 2], 3
+    if how == "not json":
+        return "".join([lines[0], "{not json\n", *lines[2:]]), 2
+    if how == "wrong field":
+        obj = json.loads(lines[3])
+        obj["version"] = "seven"
+        return "".join([*lines[:3], json.dumps(obj) + "\n", *lines[4:]]), 4
+    if how == "duplicate":
+        return "".join([*lines, lines[1]]), len(lines) + 1
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "not json", "wrong field", "duplicate"])
+def test_import_of_a_bad_file_names_the_line_and_writes_nothing(
+    db_url: str, how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(populate(db_url))
+    backup = tmp_path / "backup.jsonl"
+    assert cli(capsys, "--url", db_url, "export", str(backup))[0] == 0
+    assert cli(capsys, "--url", db_url, "db", "downgrade", "base")[0] == 0
+    text, line = _corrupt(backup.read_text(encoding="utf-8").splitlines(True), how)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text, encoding="utf-8")
+    code, out, err = cli(capsys, "--url", db_url, "import", str(bad))
+    assert_one_error_line(code, err, f"bad.jsonl:{line}:", "nothing was imported")
+    if how == "truncated":
+        assert "truncated" in err
+    assert out == ""
+    assert revision(db_url) is None  # checked before the database was touched
+
+
+def test_import_failing_halfway_commits_nothing(
+    db_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    asyncio.run(populate(db_url))
+    backup = tmp_path / "backup.jsonl"
+    assert cli(capsys, "--url", db_url, "export", str(backup))[0] == 0
+    lines = backup.read_text(encoding="utf-8").splitlines(True)
+    existing = all_rows(db_url)
+    # new rows first, then a row that is already stored: the collision is found after the
+    # first chunks were inserted
+    fresh = []
+    for index in range(6):
+        obj = json.loads(lines[0])
+        obj["namespace"], obj["key"] = "fresh", f"k{index}"
+        fresh.append(json.dumps(obj) + "\n")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join([*fresh, lines[-1]]), encoding="utf-8")
+    monkeypatch.setattr(_cli_transfer, "_CHUNK", 2)
+    code, _, err = cli(capsys, "--url", db_url, "import", str(mixed))
+    assert_one_error_line(code, err, "is already in", "nothing was imported")
+    assert all_rows(db_url) == existing
+
+
+# -- import-pickle -------------------------------------------------------------------------
+
+START, TOPPING = range(2)
+
+
+def _handlers() -> list[Any]:
+    async def remember(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        context.chat_data["messages"] = context.chat_data.get("messages", 0) + 1
+        context.user_data["name"] = update.effective_user.first_name  # type: ignore[union-attr]
+        context.bot_data.setdefault("chats", []).append(update.effective_chat.id)  # type: ignore[union-attr]
+        await update.effective_message.reply_text(  # type: ignore[union-attr]
+            "menu",
+            reply_markup=InlineKeyboardMarkup(
+                [[InlineKeyboardButton("🍕", callback_data=("pizza", 1))]]
+            ),
+        )
+
+    async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+        return TOPPING
+
+    async def topping(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
+        context.chat_data["topping"] = update.effective_message.text  # type: ignore[union-attr]
+        return ConversationHandler.END
+
+    conversation = ConversationHandler(
+        entry_points=[CommandHandler("order", start)],
+        states={TOPPING: [MessageHandler(filters.TEXT & ~filters.COMMAND, topping)]},
+        fallbacks=[],
+        name="order",
+        persistent=True,
+    )
+    return [conversation, MessageHandler(filters.Regex("^hi"), remember)]
+
+
+def _snapshot(app: Any) -> dict[str, Any]:
+    conversation = app.handlers[0][0]
+    return {
+        "chat_data": {k: dict(v) for k, v in app.chat_data.items() if v},
+        "user_data": {k: dict(v) for k, v in app.user_data.items() if v},
+        "bot_data": dict(app.bot_data),
+        "callback_data": app.bot.callback_data_cache.persistence_data,
+        "conversations": dict(conversation._conversations),
+    }
+
+
+async def _write_pickle(path: Path, single_file: bool, extra: Any = None) -> dict[str, Any]:
+    persistence: PicklePersistence[Any, Any, Any] = PicklePersistence(
+        path, single_file=single_file
+    )
+    app = builder().persistence(persistence).arbitrary_callback_data(True).build()
+    for handler in _handlers():
+        app.add_handler(handler)
+    async with app:
+        await process(
+            app,
+            message_update(-100123, "hi there", user_id=7),
+            message_update(42, "hi"),
+            message_update(-100123, "/order", user_id=8),
+            message_update(42, "/order"),
+            message_update(42, "margherita"),  # ends 42's conversation
+        )
+        if extra is not None:
+            app.chat_data[5]["odd"] = extra
+            app.mark_data_for_update_persistence(chat_ids=5)
+        snapshot = _snapshot(app)
+    assert snapshot["conversations"] == {(-100123, 8): TOPPING}
+    return snapshot
+
+
+async def _load_sqlalchemy(url: str, codec: Any = None) -> tuple[dict[str, Any], list[str]]:
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url, codec=codec)
+    app = builder().persistence(persistence).arbitrary_callback_data(True).build()
+    for handler in _handlers():
+        app.add_handler(handler)
+    async with app:
+        snapshot = _snapshot(app)
+        # the imported conversation goes on where it stopped
+        request = app.bot.request
+        await process(app, message_update(-100123, "funghi", user_id=8))
+        texts = [str(p.get("text")) for m, p in request.calls if m == "sendMessage"]
+        assert app.chat_data[-100123]["topping"] == "funghi"
+    return snapshot, texts
+
+
+@pytest.mark.parametrize("single_file", [True, False], ids=["single_file", "multi_file"])
+def test_import_pickle_gives_the_same_data(
+    db_url: str, single_file: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bot.pickle"
+    expected = asyncio.run(_write_pickle(path, single_file))
+    assert path.exists() == single_file
+    assert expected["callback_data"][0]  # a keyboard was cached
+    assert expected["bot_data"] == {"chats": [-100123, 42]}
+
+    code, out, err = cli(capsys, "--url", db_url, "import-pickle", str(path))
+    assert (code, err) == (0, "")
+    assert "conversation:order" in out
+
+    loaded, _ = asyncio.run(_load_sqlalchemy(db_url))
+    assert loaded == expected
+    assert loaded["chat_data"][-100123] == {"messages": 1}
+
+    # a second import would overwrite: refused unless asked for
+    code, _, err = cli(capsys, "--url", db_url, "import-pickle", str(path))
+    assert_one_error_line(code, err, "already holds PTB data", "--overwrite")
+    code, _, err = cli(capsys, "--url", db_url, "import-pickle", "--overwrite", str(path))
+    assert (code, err) == (0, "")
+    assert asyncio.run(_load_sqlalchemy(db_url))[0]["chat_data"][-100123] == {"messages": 1}
+
+
+def test_import_pickle_of_values_json_cannot_encode(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bot.pickle"
+    asyncio.run(_write_pickle(path, True, extra=fractions.Fraction(1, 3)))
+    code, _, err = cli(capsys, "--url", db_url, "import-pickle", str(path))
+    assert_one_error_line(
+        code, err, "chat_data[5]['odd']", "nothing was imported", "--codec pickle"
+    )
+    assert revision(db_url) is None  # checked before the database was touched
+
+    code, _, err = cli(capsys, "--url", db_url, "import-pickle", "--codec", "pickle", str(path))
+    assert (code, err) == (0, "")
+    loaded, _ = asyncio.run(_load_sqlalchemy(db_url, PickleCodec()))
+    assert loaded["chat_data"][5] == {"odd": fractions.Fraction(1, 3)}
+
+
+# -- demo ----------------------------------------------------------------------------------
+
+
+def test_demo_twice_doubles_the_total(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, "demo", "--chats", "7", "--updates", "150")
+    assert code == 0, err
+    last = out.splitlines()[-1]
+    assert last.startswith("total pizzas: ")
+    first = int(last.removeprefix("total pizzas: "))
+    assert first > 0
+    url = f"sqlite+aiosqlite:///{tmp_path / 'ptb_sessions_demo.sqlite3'}"
+    counts = asyncio.run(count_pizzas(to_async_url(url)))
+    assert len(counts) == 7
+    assert sum(counts.values()) == first
+    assert "updates/s" in out
+    assert "replies sent" in out
+
+    code, out, _ = cli(capsys, "demo", "--chats", "7", "--updates", "150")
+    assert code == 0
+    assert out.splitlines()[-1] == f"total pizzas: {2 * first}"
+    assert f"{first} before this run" in out
+    assert asyncio.run(count_pizzas(to_async_url(url))) == {k: 2 * v for k, v in counts.items()}
+
+    # --db elsewhere: a fresh database, the same deterministic count
+    code, out, _ = cli(capsys, "demo", "--chats", "7", "--updates", "150", "--db", "other.db")
+    assert code == 0
+    assert out.splitlines()[-1] == f"total pizzas: {first}"
+    assert (tmp_path / "other.db").exists()
+
+
+def test_demo_with_a_token_polls_the_same_bot(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started: list[Any] = []
+
+    async def username(token: str) -> str:
+        assert token == "42:from-env"
+        return "pizza_bot"
+
+    def run_polling(self: Application[Any, Any, Any, Any, Any, Any], **kwargs: Any) -> None:
+        started.append((self, kwargs))
+
+    monkeypatch.setattr(_demo, "bot_username", username)
+    monkeypatch.setattr(Application, "run_polling", run_polling)
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "42:from-env")
+    code, out, err = cli(capsys, "demo")
+    assert (code, err) == (0, "")
+    assert "@pizza_bot" in out
+    assert out.splitlines()[-1] == "total pizzas: 0"
+    ((app, kwargs),) = started
+    assert app.bot.token == "42:from-env"
+    assert isinstance(app.persistence, SQLAlchemyPersistence)
+    assert isinstance(app.handlers[0][0], SessionHandler)
+    assert kwargs == {"allowed_updates": Update.ALL_TYPES}
+
+
+def test_demo_with_a_rejected_token_is_one_line_without_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def username(token: str) -> str:
+        raise InvalidToken(f"The token `{token}` was rejected by the server.")
+
+    monkeypatch.setattr(_demo, "bot_username", username)
+    code, _, err = cli(capsys, "demo", "--token", "42:s3cr3t-token")
+    assert_one_error_line(code, err, "InvalidToken", "***", "rejected")
+    assert "s3cr3t-token" not in err
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pickle_file(tmp_path: Path) -> Path:
+    path = tmp_path / "valid.pickle"
+    asyncio.run(_write_pickle(path, True))
+    return path
+
+
+@pytest.fixture
+def jsonl_file(tmp_path: Path) -> Path:
+    path = tmp_path / "valid.jsonl"
+    row = dict.fromkeys(_cli_transfer.FIELDS)
+    row.update(namespace="session", key="1", codec="json", data="{}", version=1, touched_at=1.0)
+    path.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    return path
+
+
+def _unreachable_cases() -> Iterator[Any]:
+    commands = [
+        ["db", "upgrade"],
+        ["db", "downgrade", "base"],
+        ["db", "current"],
+        ["db", "check"],
+        ["stats"],
+        ["show", "chat_data", "1"],
+        ["purge-expired"],
+        ["export", "out.jsonl"],
+        ["import", "{jsonl}"],
+        ["import-pickle", "{pickle}"],
+        ["demo", "--updates", "3"],
+    ]
+    for url in (UNREACHABLE, UNREACHABLE_MARIADB):
+        for argv in commands:
+            yield pytest.param(url, argv, id=f"{url.split(':')[0]}-{'-'.join(argv[:2])}")
+
+
+@pytest.mark.parametrize(("url", "argv"), list(_unreachable_cases()))
+def test_unreachable_server_is_one_line_without_password(
+    url: str,
+    argv: list[str],
+    jsonl_file: Path,
+    pickle_file: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = [a.format(jsonl=jsonl_file, pickle=pickle_file) for a in argv]
+    code, out, err = cli(capsys, "--url", url, *argv)
+    assert_one_error_line(code, err, "127.0.0.1:1", "***")
+    assert "s3cr3t-pw" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragments"),
+    [
+        (["--url", "not a url", "stats"], ["Invalid database URL"]),
+        (["--url", "oracle://u:s3cr3t-pw@h/db", "stats"], ["unsupported database URL", "***"]),
+        (["--url", "sqlite:///missing.sqlite3", "show", "session", "1"], ["no database file"]),
+        (["import", "missing.jsonl"], ["there is no file missing.jsonl"]),
+        (["import-pickle", "missing"], ["no PicklePersistence file missing"]),
+        (["export", "no/such/dir/x.jsonl"], ["cannot write no/such/dir/x.jsonl"]),
+        (["demo", "--updates", "3", "--db", "no/such/dir/demo.db"], ["no/such/dir/demo.db"]),
+    ],
+    ids=[
+        "bad-url",
+        "unsupported",
+        "missing-db",
+        "missing-jsonl",
+        "missing-pickle",
+        "export-dir",
+        "demo-dir",
+    ],
+)
+def test_mistakes_are_one_line(
+    argv: list[str], fragments: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    if argv[0] == "export":
+        assert cli(capsys, "db", "upgrade")[0] == 0
+    code, _, err = cli(capsys, *argv)
+    assert_one_error_line(code, err, *fragments)
+    assert "s3cr3t-pw" not in err
+
+
+def test_unreadable_pickle_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "broken.pickle").write_bytes(b"this is not a pickle")
+    code, _, err = cli(capsys, "import-pickle", "broken.pickle")
+    assert_one_error_line(code, err, "cannot read broken.pickle")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--url", UNREACHABLE, "stats"],
+        ["--url", UNREACHABLE, "db", "upgrade"],
+        ["--url", "::::", "db", "upgrade"],
+        ["show", "chat_data", "1"],
+        ["import-pickle", "missing.pickle"],
+        ["demo", "--updates", "2", "--db", "no/such/dir/demo.db"],
+    ],
+    ids=["unreachable-stats", "unreachable-upgrade", "bad-url", "not-migrated", "missing", "demo"],
+)
+def test_console_script_prints_no_traceback(argv: list[str], tmp_path: Path) -> None:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PTB_SESSIONS_URL", "TELEGRAM_BOT_TOKEN")
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "ptb_sessions.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("ptb-sessions: error: ")
+    assert "Traceback" not in result.stderr
+    assert "s3cr3t-pw" not in result.stdout + result.stderr
