@@ -7,6 +7,7 @@ picklable object, at the price of trusting the database.
 
 import base64
 import datetime as dtm
+import re
 import json
 import math
 import pickle
@@ -243,15 +244,33 @@ def _decode_timedelta(payload: Any) -> dtm.timedelta:
     return dtm.timedelta(days=days, seconds=seconds, microseconds=microseconds)
 
 
+_OFFSET = re.compile(r"([+-])(\d\d):(\d\d)(?::(\d\d)(?:\.(\d{6}))?)?$")
+
+
+def _from_iso(kind: type[dtm.datetime] | type[dtm.time], payload: Any) -> Any:
+    """``kind.fromisoformat``, keeping a UTC offset with seconds and microseconds exactly
+    (Python 3.11 drops the microseconds of such an offset)."""
+    text = _payload(payload, str)
+    match = _OFFSET.search(text)
+    if match is None or match[5] is None:
+        return kind.fromisoformat(text)
+    sign, hours, minutes, seconds, micros = match.groups()
+    offset = dtm.timedelta(
+        hours=int(hours), minutes=int(minutes), seconds=int(seconds), microseconds=int(micros)
+    )
+    naive = kind.fromisoformat(text[: match.start()])
+    return naive.replace(tzinfo=dtm.timezone(-offset if sign == "-" else offset))
+
+
 _DECODERS: Final[dict[str, Callable[[Any], Any]]] = {
     "tuple": lambda payload: tuple(_payload(payload, list)),
     "set": lambda payload: set(_payload(payload, list)),
     "frozenset": lambda payload: frozenset(_payload(payload, list)),
     "dict": _decode_pairs,
     "float": lambda payload: _NONFINITE[_payload(payload, str)],
-    "datetime": lambda payload: dtm.datetime.fromisoformat(_payload(payload, str)),
+    "datetime": lambda payload: _from_iso(dtm.datetime, payload),
     "date": lambda payload: dtm.date.fromisoformat(_payload(payload, str)),
-    "time": lambda payload: dtm.time.fromisoformat(_payload(payload, str)),
+    "time": lambda payload: _from_iso(dtm.time, payload),
     "timedelta": _decode_timedelta,
     "decimal": lambda payload: Decimal(_payload(payload, str)),
     "bytes": lambda payload: base64.b64decode(_payload(payload, str), validate=True),
