@@ -56,9 +56,21 @@ def encode_value(codec: Codec, value: Any, root: str, max_size: int | None) -> t
         raise exc.located(root) from None
     if isinstance(encoded, bytes):
         encoded = base64.b64encode(encoded).decode("ascii")
-    if max_size is not None and len(encoded) > max_size:
+    size = len(encoded)
+    if not encoded.isascii():
+        # The database stores UTF-8: a lone surrogate cannot be stored at all (the driver
+        # would fail with a bare UnicodeEncodeError), and the limit counts bytes.
+        try:
+            size = len(encoded.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise SerializationError(
+                f"the value contains text that is not valid Unicode (the lone surrogate "
+                f"{exc.object[exc.start : exc.end]!r}), which cannot be stored",
+                root=root,
+            ) from None
+    if max_size is not None and size > max_size:
         raise SerializationError(
-            f"the encoded value is {len(encoded):,} bytes, more than the limit of "
+            f"the encoded value is {size:,} bytes, more than the limit of "
             f"{max_size:,} (max_value_size)",
             root=root,
         )
@@ -246,7 +258,11 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if namespace in BUILTIN_NAMESPACES or namespace.startswith(_CONVERSATION_PREFIX):
             raise ValueError(f"The namespace {namespace!r} is used by PTB's own data")
         return SQLAlchemyStorage(
-            self.database, namespace=namespace, codec=self.codec, clock=self.clock
+            self.database,
+            namespace=namespace,
+            codec=self.codec,
+            clock=self.clock,
+            max_value_size=self.max_value_size,
         )
 
     @property
@@ -494,25 +510,32 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     # -- writing --------------------------------------------------------------------------
 
     async def _submit(self, write: Write) -> None:
-        """Queue ``write`` for this loop tick's batch and wait for the batch.
+        """Queue ``write`` for this loop tick's batch.
 
         Every ``update_*`` call of one :meth:`~telegram.ext.Application.update_persistence`
         run starts in the same loop iteration (PTB gathers them), so they share one batch and
-        one transaction. Raises the error of this key, or the batch's error for the first
-        caller of the batch (so the application's error handler hears of it once).
+        one transaction. The first caller of a batch (its leader) waits for it and raises its
+        errors, so ``update_persistence`` returns once the batch is written and the
+        application's error handler hears of a failure once; the others return at once.
         """
         self._pending[(write.namespace, write.key)] = write
-        leader = self._batch_task is None
-        if leader:
-            self._batch_task = asyncio.create_task(self._run_batch())
-        task = self._batch_task
-        assert task is not None
+        if self._batch_task is not None:
+            return
+        task = self._batch_task = asyncio.create_task(self._run_batch())
         errors, batch_error = await asyncio.shield(task)
-        error = errors.get((write.namespace, write.key))
-        if error is not None:
-            raise error
-        if batch_error is not None and leader:
+        if batch_error is not None:
             raise batch_error
+        if len(errors) == 1:
+            raise next(iter(errors.values()))
+        if errors:
+            kind = (
+                ConflictError
+                if all(isinstance(e, ConflictError) for e in errors.values())
+                else StorageError
+            )
+            raise kind(
+                f"{len(errors)} writes failed: " + "; ".join(str(e) for e in errors.values())
+            )
 
     async def _run_batch(self) -> tuple[dict[tuple[str, str], StorageError], StorageError | None]:
         await asyncio.sleep(0)  # let every update_* call of this run join

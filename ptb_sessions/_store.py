@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
-from sqlalchemy import String, Table, any_, bindparam, delete, event, select, text, update
+from sqlalchemy import Integer, String, Table, any_, bindparam, delete, event, select, text, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import URL
@@ -87,6 +87,13 @@ def check_key(namespace: str, key: str) -> None:
         )
     if "\x00" in key:
         raise ValueError(f"{namespace}[{key!r}]: keys cannot contain NUL characters")
+    if not key.isascii():
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{namespace}[{key!r}]: keys must be valid Unicode (no lone surrogates)"
+            ) from None
     if not namespace or len(namespace) > MAX_NAMESPACE_LENGTH:
         raise ValueError(
             f"namespace {namespace!r} must be 1 to {MAX_NAMESPACE_LENGTH} characters long"
@@ -456,6 +463,9 @@ class Database:
                     "expires_at": write.expires_at,
                 }
             )
+        if self.dialect == "sqlite":
+            await self._sqlite_write_many(connection, deletes, upserts)
+            return errors
         for namespace, keys in deletes.items():
             for chunk in _chunks(keys):
                 await connection.execute(
@@ -464,6 +474,37 @@ class Database:
         if upserts:
             await connection.execute(self._upsert_statement(), upserts)
         return errors
+
+    @staticmethod
+    async def _sqlite_write_many(
+        connection: AsyncConnection, deletes: dict[str, list[str]], upserts: list[dict[str, Any]]
+    ) -> None:
+        """The deletes and upserts of a batch, each as one ``executemany`` on the driver: one
+        trip to its thread instead of SQLAlchemy's per-row parameter processing."""
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        if deletes:
+            await driver.executemany(
+                _SQLITE_DELETE_MANY,
+                [(namespace, key) for namespace, keys in deletes.items() for key in keys],
+            )
+        if upserts:
+            await driver.executemany(
+                _SQLITE_UPSERT_MANY,
+                [
+                    (
+                        row["namespace"],
+                        row["key"],
+                        row["codec"],
+                        row["data"],
+                        row["version"],
+                        row["data_version"],
+                        row["touched_at"],
+                        row["expires_at"],
+                    )
+                    for row in upserts
+                ],
+            )
 
     async def _lock_versions(
         self, connection: AsyncConnection, writes: Sequence[Write]
@@ -474,6 +515,28 @@ class Database:
         for write in writes:
             by_namespace.setdefault(write.namespace, []).append(write.key)
         versions: dict[tuple[str, str], int] = {}
+        if self.dialect == "sqlite":
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert driver is not None
+            for namespace, keys in by_namespace.items():
+                for chunk in _chunks(keys):
+                    placeholders = ",".join("?" * len(chunk))
+                    rows = await driver.execute_fetchall(
+                        f"SELECT key, version FROM {_TABLE.name} "  # noqa: S608 - placeholders
+                        f"WHERE namespace = ? AND key IN ({placeholders})",
+                        (namespace, *chunk),
+                    )
+                    for key, version in rows:
+                        versions[(namespace, key)] = version
+            return versions
+        if self.dialect == "postgresql":
+            for namespace, keys in by_namespace.items():
+                # A join on unnest() keeps the primary-key lookups whatever the statistics of
+                # the table (with `key = ANY(...)` a fresh, unanalyzed table is scanned).
+                result = await connection.execute(_PG_LOCK_VERSIONS, {"ns": namespace, "keys": keys})
+                for key, version in result:
+                    versions[(namespace, key)] = version
+            return versions
         for namespace, keys in by_namespace.items():
             for chunk in _chunks(keys):
                 query = select(_C.key, _C.version).where(
@@ -799,6 +862,20 @@ _MYSQL_UPSERT_ONE = mysql.insert(_TABLE).values(**_INSERT_VALUES).on_duplicate_k
 )
 
 
+_SQLITE_DELETE_MANY = f"DELETE FROM {_TABLE.name} WHERE namespace = ? AND key = ?"
+_SQLITE_UPSERT_MANY = (
+    f"INSERT INTO {_TABLE.name} "
+    "(namespace, key, codec, data, version, data_version, touched_at, expires_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, key) DO UPDATE SET "
+    "codec = excluded.codec, data = excluded.data, version = excluded.version, "
+    "data_version = excluded.data_version, touched_at = excluded.touched_at, "
+    "expires_at = excluded.expires_at"
+)
+_PG_LOCK_VERSIONS = text(
+    f"SELECT t.key, t.version FROM {_TABLE.name} AS t "
+    "JOIN unnest(CAST(:keys AS VARCHAR[])) AS wanted(key) ON t.key = wanted.key "
+    "WHERE t.namespace = :ns FOR UPDATE OF t"
+).columns(key=String, version=Integer)
 _SQLITE_DIALECT = sqlite.dialect()  # type: ignore[no-untyped-call]
 _SQLITE_COMPILED: dict[int, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
 

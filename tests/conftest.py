@@ -65,7 +65,9 @@ async def async_server_url(backend: str) -> str:
     try:
         await asyncio.wait_for(reset_database(url), 15)
     except Exception as exc:  # noqa: BLE001 - any failure means unreachable
-        _unavailable(backend, f"{backend} server at {url} unreachable: {type(exc).__name__}: {exc}")
+        _unavailable(
+            backend, f"{backend} server at {url} unreachable: {type(exc).__name__}: {exc}"
+        )
     return url
 
 

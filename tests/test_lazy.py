@@ -6,8 +6,8 @@ import asyncio
 from typing import Any
 
 from _bot import builder, message_update, process
-from sqlalchemy import event, update
-from sqlalchemy.util import await_
+from _statements import StatementLog
+from sqlalchemy import update
 from telegram import Update
 from telegram.ext import Application, ContextTypes, MessageHandler, filters
 
@@ -57,26 +57,6 @@ def counting_app(persistence: SQLAlchemyPersistence) -> tuple[Application, list[
     return app, errors
 
 
-def record_statements(persistence: SQLAlchemyPersistence) -> list[Any]:
-    """Every statement the persistence's engine runs, with its parameters. On SQLite, where
-    single-row statements go straight to the driver, sqlite's own trace callback records them
-    (with the parameters filled in)."""
-    statements: list[Any] = []
-    engine = persistence.database.engine.sync_engine
-    event.listen(
-        engine,
-        "before_cursor_execute",
-        lambda conn, cur, statement, params, ctx, many: statements.append((statement, params)),
-    )
-    if persistence.database.dialect == "sqlite":
-
-        def trace(dbapi_connection: Any, record: Any) -> None:
-            await_(dbapi_connection._connection.set_trace_callback(statements.append))
-
-        event.listen(engine, "connect", trace)
-    return statements
-
-
 async def test_lazy_start_reads_no_chat_row(db_url: str) -> None:
     writer: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
     await writer.database.apply(
@@ -88,14 +68,15 @@ async def test_lazy_start_reads_no_chat_row(db_url: str) -> None:
     await writer.flush()
     persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True)
     app, errors = counting_app(persistence)
-    statements = record_statements(persistence)
+    log = StatementLog(persistence.database)
+    statements = log.statements
     async with app:
         assert len(app.chat_data) == 0
-        reads_of_chats = [s for s in statements if "chat_data" in repr(s)]
+        reads_of_chats = log.mentioning("chat_data")
         assert reads_of_chats == []
         assert statements, "the bot data was read, so statements are counted"
         await process(app, message_update(77_777))
-        assert any("chat_data" in repr(s) for s in statements), "chat reads are counted"
+        assert log.mentioning("chat_data"), "chat reads are counted"
         assert app.chat_data[77_777] == {"n": 77_778}
         assert len(app.chat_data) == 1
     assert errors == []

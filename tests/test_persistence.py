@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from _bot import OfflineRequest, builder, message_update, process
 from _proxy import OutageProxy
-from sqlalchemy import event, text, update
+from _statements import StatementLog
+from sqlalchemy import text, update
 from sqlalchemy.engine import make_url
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
 from telegram.ext import (
@@ -174,22 +175,10 @@ async def test_only_changed_rows_are_written_in_one_transaction(db_url: str) -> 
     app.add_handler(MessageHandler(filters.ALL, touch))
     async with app:
         await process(app, *(message_update(chat) for chat in range(1, 1001)))
-        written: list[int] = []
-        commits: list[int] = []
-        engine = persistence.database.engine.sync_engine
-
-        def on_execute(
-            conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool
-        ) -> None:
-            if statement.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE")):
-                written.append(len(params) if many else 1)
-
-        event.listen(engine, "before_cursor_execute", on_execute)
-        event.listen(engine, "commit", lambda conn: commits.append(1))
+        log = StatementLog(persistence.database)
         await app.update_persistence()
-        event.remove(engine, "before_cursor_execute", on_execute)
-    assert sum(written) == 10
-    assert len(commits) == 1
+    assert log.rows_written() == 10
+    assert log.commits == 1
     check: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
     stored = await check.get_chat_data()
     await check.flush()

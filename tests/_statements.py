@@ -1,0 +1,55 @@
+"""Recording the statements a persistence or storage runs, on every backend.
+
+SQLAlchemy's ``before_cursor_execute`` event sees what goes through SQLAlchemy; on SQLite,
+single-row statements and batch writes go straight to the aiosqlite driver, so sqlite's own
+trace callback (one call per executed statement, parameters filled in) records those.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.util import await_
+
+from ptb_sessions._store import Database
+
+_WRITES = ("INSERT", "UPDATE", "DELETE")
+
+
+class StatementLog:
+    """Every statement run on ``database`` from now on (connections opened later included)."""
+
+    def __init__(self, database: Database) -> None:
+        self.statements: list[tuple[str, Any, int]] = []  # (sql, parameters, rows of params)
+        self.commits = 0
+        engine = database.engine.sync_engine
+        event.listen(engine, "before_cursor_execute", self._on_execute)
+        event.listen(engine, "commit", self._on_commit)
+        if database.dialect == "sqlite":
+            event.listen(engine, "connect", self._on_sqlite_connect)
+
+    def _on_execute(
+        self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
+        self.statements.append((statement, params, len(params) if many else 1))
+
+    def _on_commit(self, conn: Any) -> None:
+        self.commits += 1
+
+    def _on_sqlite_connect(self, dbapi_connection: Any, record: Any) -> None:
+        def trace(sql: str) -> None:
+            self.statements.append((sql, None, 1))
+
+        await_(dbapi_connection._connection.set_trace_callback(trace))
+
+    def rows_written(self) -> int:
+        """How many rows the recorded INSERT, UPDATE and DELETE statements wrote (one per
+        parameter set)."""
+        return sum(
+            rows for sql, _, rows in self.statements if sql.lstrip().upper().startswith(_WRITES)
+        )
+
+    def mentioning(self, text: str) -> list[tuple[str, Any, int]]:
+        """The statements whose SQL or parameters contain ``text``."""
+        return [s for s in self.statements if text in s[0] or text in repr(s[1])]
