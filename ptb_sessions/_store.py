@@ -282,6 +282,10 @@ class Database:
         of sessions pays no pool checkout and no reset; one that fails is closed.
         """
         await self.ensure_schema()
+        if self.dialect == "sqlite":
+            async with self._sqlite_autocommit(what) as connection:
+                yield connection
+            return
         if self._fast_slots is None:
             self._fast_slots = asyncio.Semaphore(self.fast_connections)
         async with self._fast_slots:
@@ -329,6 +333,30 @@ class Database:
             return rows, len(rows)
         cursor = await driver.execute(sql, args)
         return [], cursor.rowcount
+
+    @contextlib.asynccontextmanager
+    async def _sqlite_autocommit(self, what: str) -> AsyncIterator[AsyncConnection]:
+        """One connection shared by every single-row statement at once: its statements go
+        straight to the driver (:meth:`_run`), whose thread runs them in turn, so concurrent
+        updates pipeline through it without waiting for each other's round trips."""
+        if not self._fast_idle:
+            async with self._ready_lock:
+                if not self._fast_idle:
+                    try:
+                        connection = await self.engine.connect()
+                        await connection.execution_options(isolation_level="AUTOCOMMIT")
+                    except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
+                        raise self.error(exc, what) from exc
+                    self._fast_idle.append(connection)
+        connection = self._fast_idle[0]
+        try:
+            yield connection
+        except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
+            if self._fast_idle and self._fast_idle[0] is connection:
+                self._fast_idle.clear()
+                with contextlib.suppress(Exception):
+                    await connection.invalidate()
+            raise self.error(exc, what) from exc
 
     # -- reads --------------------------------------------------------------------------
 
