@@ -283,8 +283,8 @@ class Database:
         """
         await self.ensure_schema()
         if self.dialect == "sqlite":
-            async with self._sqlite_autocommit(what) as connection:
-                yield connection
+            async with self._sqlite_autocommit(what) as shared:
+                yield shared
             return
         if self._fast_slots is None:
             self._fast_slots = asyncio.Semaphore(self.fast_connections)
@@ -322,7 +322,7 @@ class Database:
         """
         if self.dialect != "sqlite":
             result = await connection.execute(statement, params)
-            rows = result.all() if result.returns_rows else []
+            rows: list[Any] = list(result.all()) if result.returns_rows else []
             return rows, (len(rows) if result.returns_rows else result.rowcount)
         sql, names, literals = _compiled_for_sqlite(statement)
         args = tuple(params[name] if name in params else literals[name] for name in names)
@@ -853,7 +853,7 @@ _ONE = (_C.namespace == bindparam("ns")) & (_C.key == bindparam("k"))
 _GET_ONE = select(*_RECORD_COLUMNS).where(_ONE)
 _DELETE_ONE = delete(_TABLE).where(_ONE)
 _DELETE_IF_VERSION = delete(_TABLE).where(_ONE, _C.version == bindparam("expected"))
-_VALUES = {
+_VALUES: dict[str, Any] = {
     "codec": bindparam("codec"),
     "data": bindparam("data"),
     "data_version": bindparam("data_version"),
@@ -904,7 +904,7 @@ _PG_LOCK_VERSIONS = text(
     "JOIN unnest(CAST(:keys AS VARCHAR[])) AS wanted(key) ON t.key = wanted.key "
     "WHERE t.namespace = :ns FOR UPDATE OF t"
 ).columns(key=String, version=Integer)
-_SQLITE_DIALECT = sqlite.dialect()  # type: ignore[no-untyped-call]
+_SQLITE_DIALECT = sqlite.dialect()
 _SQLITE_COMPILED: dict[int, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
 
 
