@@ -5,6 +5,7 @@ conversation states one row per key in any database SQLAlchemy speaks, and
 :class:`SessionHandler` brings grammY's sessions to PTB as ``context.session``.
 """
 
+from ptb_sessions._chatmigration import ChatMigrationHandler
 from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
 from ptb_sessions._errors import (
     ConflictError,
@@ -15,7 +16,6 @@ from ptb_sessions._errors import (
     SessionKeyError,
     StorageError,
 )
-from ptb_sessions._chatmigration import ChatMigrationHandler
 from ptb_sessions._keys import by_chat, by_chat_and_thread, by_user, by_user_and_chat
 from ptb_sessions._sessionhandler import Fragment, LazySession, SessionContext, SessionHandler
 from ptb_sessions._sqlalchemypersistence import SQLAlchemyPersistence
@@ -38,9 +38,9 @@ __all__ = [
     "SQLAlchemyStorage",
     "SchemaError",
     "SequentialUpdateProcessor",
+    "SerializationError",
     "SessionContext",
     "SessionHandler",
-    "SerializationError",
     "SessionKeyError",
     "StorageAdapter",
     "StorageError",

@@ -194,7 +194,7 @@ def session_prefixes(application: Application[Any, Any, Any, Any, Any, Any]) -> 
     while stack:
         handler = stack.pop()
         if isinstance(handler, SessionHandler):
-            prefixes.update(spec.prefix for spec in handler._specs)  # noqa: SLF001
+            prefixes.update(spec.prefix for spec in handler._specs)
         states = getattr(handler, "states", None)
         if isinstance(states, dict):  # ConversationHandler: SessionHandlers in its states
             for handlers in states.values():

@@ -7,10 +7,10 @@ picklable object, at the price of trusting the database.
 
 import base64
 import datetime as dtm
-import re
 import json
 import math
 import pickle
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from decimal import Decimal

@@ -122,13 +122,13 @@ class Database:
         "_engine",
         "_fast_idle",
         "_fast_slots",
-        "fast_connections",
         "_owns_engine",
         "_ready",
         "_ready_lock",
         "_url",
         "auto_upgrade",
         "clock",
+        "fast_connections",
     )
 
     def __init__(
@@ -550,7 +550,7 @@ class Database:
                 for chunk in _chunks(keys):
                     placeholders = ",".join("?" * len(chunk))
                     rows = await driver.execute_fetchall(
-                        f"SELECT key, version FROM {_TABLE.name} "  # noqa: S608 - placeholders
+                        f"SELECT key, version FROM {_TABLE.name} "
                         f"WHERE namespace = ? AND key IN ({placeholders})",
                         (namespace, *chunk),
                     )
@@ -561,7 +561,9 @@ class Database:
             for namespace, keys in by_namespace.items():
                 # A join on unnest() keeps the primary-key lookups whatever the statistics of
                 # the table (with `key = ANY(...)` a fresh, unanalyzed table is scanned).
-                result = await connection.execute(_PG_LOCK_VERSIONS, {"ns": namespace, "keys": keys})
+                result = await connection.execute(
+                    _PG_LOCK_VERSIONS, {"ns": namespace, "keys": keys}
+                )
                 for key, version in result:
                     versions[(namespace, key)] = version
             return versions
@@ -885,8 +887,8 @@ _SQLITE_UPSERT_ONE = (
     .values(**_INSERT_VALUES)
     .on_conflict_do_update(index_elements=[_C.namespace, _C.key], set_=_UPSERT_SET)
 )
-_MYSQL_UPSERT_ONE = mysql.insert(_TABLE).values(**_INSERT_VALUES).on_duplicate_key_update(
-    **_UPSERT_SET
+_MYSQL_UPSERT_ONE = (
+    mysql.insert(_TABLE).values(**_INSERT_VALUES).on_duplicate_key_update(**_UPSERT_SET)
 )
 
 
@@ -943,7 +945,9 @@ def _sqlite_on_begin(connection: Any) -> None:
     options = connection.get_execution_options()
     if options.get("isolation_level") == "AUTOCOMMIT":
         return
-    connection.exec_driver_sql("BEGIN" if options.get("ptb_sessions_read_only") else "BEGIN IMMEDIATE")
+    connection.exec_driver_sql(
+        "BEGIN" if options.get("ptb_sessions_read_only") else "BEGIN IMMEDIATE"
+    )
 
 
 def new_version() -> int:

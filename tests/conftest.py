@@ -64,7 +64,7 @@ async def async_server_url(backend: str) -> str:
         _unavailable(backend, _unreachable[backend])
     try:
         await asyncio.wait_for(reset_database(url), 15)
-    except Exception as exc:  # noqa: BLE001 - any failure means unreachable
+    except Exception as exc:
         _unavailable(
             backend, f"{backend} server at {url} unreachable: {type(exc).__name__}: {exc}"
         )
