@@ -376,8 +376,9 @@ async def _mariadb_password_user(backend: str, db_url: str) -> None:
         await connection.execute(
             text("CREATE USER IF NOT EXISTS 'ptbs_test'@'localhost' IDENTIFIED BY 's3cret'")
         )
-        await connection.execute(text("GRANT ALL ON test.* TO 'ptbs_test'@'%'"))
-        await connection.execute(text("GRANT ALL ON test.* TO 'ptbs_test'@'localhost'"))
+        database = make_url(db_url).database
+        await connection.execute(text(f"GRANT ALL ON `{database}`.* TO 'ptbs_test'@'%'"))
+        await connection.execute(text(f"GRANT ALL ON `{database}`.* TO 'ptbs_test'@'localhost'"))
     await engine.dispose()
 
 

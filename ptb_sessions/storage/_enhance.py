@@ -146,12 +146,12 @@ def apply_migrations(
     if stored_version is not None:
         if not _is_number(stored_version):
             raise MigrationError(
-                f"Session key {key!r} has the invalid data version {stored_version!r}; "
+                f"{key!r} has the invalid data version {stored_version!r}; "
                 "versions are numbers"
             )
         if stored_version > latest:
             raise MigrationError(
-                f"Session key {key!r} has data version {stored_version!r}, newer than the "
+                f"{key!r} has data version {stored_version!r}, newer than the "
                 f"latest migration {latest!r}. Was it written by a newer version of the bot? "
                 "Add its migrations instead of downgrading the data."
             )
@@ -167,7 +167,7 @@ def apply_migrations(
             value = migration(value)
         except Exception as exc:
             raise MigrationError(
-                f"Migration to version {version!r} failed for session key {key!r}: "
+                f"Migration to version {version!r} failed for {key!r}: "
                 f"{type(exc).__name__}: {exc}. The stored value was left unchanged."
             ) from exc
     return value, latest

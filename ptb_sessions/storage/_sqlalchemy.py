@@ -19,6 +19,9 @@ from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorte
 
 __all__ = ["SQLAlchemyStorage"]
 
+#: The default limit of one encoded value: 1 MiB (as ``SQLAlchemyPersistence``'s).
+_DEFAULT_MAX_VALUE_SIZE = 1 << 20
+
 
 class SQLAlchemyStorage:
     """A :class:`~ptb_sessions.StorageAdapter` that keeps each session in a row of an SQL
@@ -44,9 +47,21 @@ class SQLAlchemyStorage:
         migrations: Versioned data migrations; see :func:`~ptb_sessions.enhance_storage`.
         auto_upgrade: Create or upgrade the schema on first use.
         clock: Seconds since the epoch; injected in tests.
+        max_value_size: The largest encoded value in bytes (default 1 MiB); larger ones are
+            rejected with :class:`~ptb_sessions.SerializationError`. :obj:`None`: no limit.
+            :meth:`ptb_sessions.SQLAlchemyPersistence.storage` passes the persistence's.
     """
 
-    __slots__ = ("_migrations", "_ttl", "_versions", "clock", "codec", "database", "namespace")
+    __slots__ = (
+        "_migrations",
+        "_ttl",
+        "_versions",
+        "clock",
+        "codec",
+        "database",
+        "max_value_size",
+        "namespace",
+    )
 
     def __init__(
         self,
@@ -58,6 +73,7 @@ class SQLAlchemyStorage:
         migrations: Mapping[float, Callable[[Any], Any]] | None = None,
         auto_upgrade: bool = True,
         clock: Callable[[], float] = time.time,
+        max_value_size: int | None = _DEFAULT_MAX_VALUE_SIZE,
     ) -> None:
         self.database = (
             url
@@ -68,6 +84,7 @@ class SQLAlchemyStorage:
         self.namespace = namespace
         self.codec: Codec = codec if codec is not None else JSONCodec()
         self.clock = clock
+        self.max_value_size = max_value_size
         self._ttl = normalize_ttl(ttl)
         self._migrations = sorted_migrations(migrations) if migrations is not None else None
         self._versions: ReadVersions[int] = ReadVersions()
@@ -89,6 +106,7 @@ class SQLAlchemyStorage:
             ttl=ttl,
             migrations=migrations,
             clock=clock,
+            max_value_size=self.max_value_size,
         )
 
     def _decode(self, key: str, record: Record) -> Any:
@@ -136,7 +154,9 @@ class SQLAlchemyStorage:
         from ptb_sessions._sqlalchemypersistence import encode_value
 
         check_key(self.namespace, key)
-        codec, data = encode_value(self.codec, value, f"{self.namespace}[{key!r}]", None)
+        codec, data = encode_value(
+            self.codec, value, f"{self.namespace}[{key!r}]", self.max_value_size
+        )
         await self._write(key, data, codec)
 
     async def delete(self, key: str) -> None:
