@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from telegram.ext import CallbackContext, ExtBot
 
 if TYPE_CHECKING:
-    from ptb_sessions._sessioncore import _Binding
+    from ptb_sessions._sessioncore import Binding
 
 __all__ = ["SessionContext"]
 
 S = TypeVar("S")
 
-current_binding: ContextVar[_Binding | None] = ContextVar("ptb_sessions_binding", default=None)
+current_binding: ContextVar[Binding | None] = ContextVar("ptb_sessions_binding", default=None)
 """The session of the :class:`~ptb_sessions.SessionHandler` running in this task. A context
 variable rather than an attribute of the (shared) context object, so a ``block=False``
 session handler, which runs in a task of its own, never sees or clobbers another's session."""

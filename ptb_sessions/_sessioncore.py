@@ -1,4 +1,4 @@
-"""The engine behind ``context.session``: one :class:`_Cell` per session property and update.
+"""The engine behind ``context.session``: one :class:`Cell` per session property and update.
 
 A cell loads (strict) or prepares (lazy) one value, hands it to the handler through a facade
 (the value itself, a :class:`LazySession`, a :class:`_MultiSession` or a :class:`_NoKeySession`)
@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Generator, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Final, Generic, Protocol, TypeVar, cast
 
 from telegram import Update
 
+from ptb_sessions import _sessionlock
 from ptb_sessions._errors import SerializationError, SessionKeyError
 
-__all__ = ["MISSING", "LazySession", "Spec", "binding_for"]
+__all__ = ["MISSING", "UNREAD", "Binding", "Cell", "LazySession", "MultiBinding", "Spec"]
 
 T = TypeVar("T")
 
@@ -27,7 +28,7 @@ MISSING: Final[Any] = object()
 _UNKNOWN: Final[Any] = object()
 """A baseline that equals no encoding: the value is always written."""
 
-_UNREAD, _LOADING, _PENDING, _READY = 0, 1, 2, 3
+UNREAD, _LOADING, _PENDING, _READY = 0, 1, 2, 3
 _KEY_REASONS: Final = {
     "by_chat": "does not belong to a chat",
     "by_chat_and_thread": "does not belong to a chat",
@@ -95,17 +96,6 @@ class Spec:
         self.codec: _Encoder = codec
         self.builtin_key = getattr(key_fn, "__module__", None) == "ptb_sessions._keys"
 
-    def full_key(self, update: object) -> str | None:
-        """``prefix + key_fn(update)``, or :obj:`None` if the update has no key. A key that is
-        not a :obj:`str` is converted; the built-in key functions give no key for updates that
-        are not :class:`telegram.Update` (e.g. custom updates of a ``TypeHandler``)."""
-        if self.builtin_key and not isinstance(update, Update):
-            return None
-        key = self.key_fn(update)  # type: ignore[arg-type]
-        if key is None:
-            return None
-        return self.prefix + (key if isinstance(key, str) else str(key))
-
 
 def update_type(update: object) -> str:
     """The kind of ``update`` for messages, e.g. ``"inline_query"``."""
@@ -156,7 +146,7 @@ class LazySession(Generic[T]):
 
     __slots__ = ("_cell",)
 
-    def __init__(self, cell: _Cell) -> None:
+    def __init__(self, cell: Cell) -> None:
         self._cell = cell
 
     def __await__(self) -> Generator[Any, None, T]:
@@ -209,19 +199,33 @@ for _name in (
     setattr(_NoKeySession, _name, _NoKeySession._fail)
 
 
-class _Cell:
+class Cell:
     """One session property (the session or one fragment) during one update.
 
     States: unread (lazy, untouched), loading (a read is in flight), pending (an awaitable was
     assigned) and ready (the value is known).
+
+    The cell also holds the locks of its key, taken on first use: before its first read or
+    write (:meth:`load`, :meth:`execute`) it acquires its key in the per-key lock table if
+    ``need_lock`` and enters the storage's ``lock(key)`` if ``db_pending``; :meth:`unlock`
+    gives them back. A strict session loads at once, so it holds them from load to save; a
+    lazy session that is never used takes none. (The handler of a multi session takes the
+    per-key locks of all its cells up front instead.)
+
+    A single session's cell is its own binding (see :class:`Binding`); a lazy cell makes its
+    :class:`LazySession`.
     """
 
     __slots__ = (
         "baseline",
+        "db_lock",
+        "db_pending",
+        "entry",
         "facade",
         "gen",
         "key",
-        "locks",
+        "lock_key",
+        "need_lock",
         "pending",
         "previous",
         "spec",
@@ -232,11 +236,20 @@ class _Cell:
         "waiter",
     )
 
-    def __init__(self, spec: Spec, key: str | None, update: object) -> None:
+    def __init__(self, spec: Spec, update: object) -> None:
         self.spec = spec
-        self.key = key
         self.update = update
-        self.state = _UNREAD
+        # The key: ``prefix + key_fn(update)``, or None if the update has none. A key that is
+        # not a str is converted; the built-in key functions give no key for updates that are
+        # not telegram.Update (e.g. custom updates of a TypeHandler).
+        if spec.builtin_key and not isinstance(update, Update):
+            key = None
+        else:
+            key = spec.key_fn(update)  # type: ignore[arg-type]
+            if key is not None:
+                key = spec.prefix + (key if isinstance(key, str) else str(key))
+        self.key: str | None = key
+        self.state = UNREAD
         self.value: Any = None
         self.baseline: Any = _UNKNOWN  # encoding of the value as loaded; None: nothing
         self.stored: bool | None = None  # whether the storage has a value; None: unknown
@@ -244,8 +257,54 @@ class _Cell:
         self.pending: Awaitable[Any] | None = None
         self.previous: Any = None  # (state, value, pending, previous) before an awaitable
         self.waiter: asyncio.Future[None] | None = None
-        self.facade: Any = None
-        self.locks: AsyncExitStack | None = None  # lazy + db lock: where the lock is entered
+        self.facade: Any = LazySession(self) if spec.lazy and key is not None else None
+        self.need_lock = key is not None  # whether to acquire the key lock on first use
+        self.db_pending = spec.db_lock and key is not None  # and enter storage.lock(key)
+        self.lock_key: _sessionlock.LockKey | None = None  # the acquired key lock ...
+        self.entry: Any = None  # ... and its entry in the lock table
+        self.db_lock: AbstractAsyncContextManager[Any] | None = None  # entered, to exit
+
+    # --- locking -------------------------------------------------------------------------
+
+    async def lock(self) -> None:
+        """Take the locks of the key that are not taken yet (see the class docstring)."""
+        if self.need_lock:
+            lock_key = (*self.spec.lock_id, cast(str, self.key))
+            entry = _sessionlock.try_acquire(lock_key)  # a free key: no coroutine, no switch
+            self.entry = entry if entry is not None else await _sessionlock.acquire(lock_key)
+            self.lock_key = lock_key
+            self.need_lock = False
+        if self.db_pending:
+            manager = cast(AbstractAsyncContextManager[Any], self.spec.storage.lock(self.key))
+            await manager.__aenter__()
+            self.db_lock = manager
+            self.db_pending = False
+
+    async def acquire(self) -> None:
+        """Acquire the key in the per-key lock table (alone: a multi session takes all its
+        keys before any database lock)."""
+        lock_key = (*self.spec.lock_id, cast(str, self.key))
+        entry = _sessionlock.try_acquire(lock_key)
+        self.entry = entry if entry is not None else await _sessionlock.acquire(lock_key)
+        self.lock_key = lock_key
+        self.need_lock = False
+
+    async def unlock(self) -> None:
+        """Exit the database lock, if entered, and :meth:`release`."""
+        manager = self.db_lock
+        try:
+            if manager is not None:
+                self.db_lock = None
+                await manager.__aexit__(None, None, None)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give the key back to the lock table, if this cell acquired it."""
+        entry = self.entry
+        if entry is not None:
+            self.entry = None
+            _sessionlock.release(cast(_sessionlock.LockKey, self.lock_key), entry)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -264,20 +323,11 @@ class _Cell:
         except SerializationError:
             return _UNKNOWN  # compared unequal: the save encodes again and reports the error
 
-    async def _enter_db_lock(self) -> None:
-        locks = self.locks
-        if locks is not None:
-            self.locks = None
-            storage = self.spec.storage
-            await locks.enter_async_context(
-                cast(AbstractAsyncContextManager[Any], storage.lock(self.key))
-            )
-
     async def load(self) -> None:
         """Read the stored value (or make the initial one) and remember its encoding."""
+        if self.need_lock or self.db_pending:
+            await self.lock()
         spec = self.spec
-        if self.locks is not None:
-            await self._enter_db_lock()
         gen = self.gen
         value = await spec.storage.read(self.key)
         if value is None:
@@ -311,7 +361,7 @@ class _Cell:
                 await self.load()
             except BaseException:
                 if gen == self.gen:
-                    self.state = _UNREAD
+                    self.state = UNREAD
                 raise
             finally:
                 self.waiter = None
@@ -365,20 +415,21 @@ class _Cell:
 
     def public(self) -> Any:
         """What is put into ``context.session`` of a plain context."""
+        facade = self.facade
+        if facade is not None:  # lazy
+            return facade
         if self.key is None:
-            if self.facade is None:
-                self.facade = _NoKeySession(self.spec, self.update)
-            return self.facade
-        if self.spec.lazy:
-            return self.facade
+            facade = self.facade = _NoKeySession(self.spec, self.update)
+            return facade
         return self.value
 
     def adopt(self, value: Any) -> None:
         """Take over what the handler left in ``context.session`` of a plain context."""
-        if self.key is None:
-            if value is not self.facade:
-                raise no_key_error(self.spec, self.update, "assign")
+        facade = self.facade
+        if value is facade and facade is not None:  # lazy or no key, left as it was
             return
+        if self.key is None:
+            raise no_key_error(self.spec, self.update, "assign")
         if value is MISSING:
             value = None
         if self.spec.lazy:
@@ -390,7 +441,7 @@ class _Cell:
 
     async def settle(self) -> None:
         """Finish a read in flight or an assigned awaitable before saving."""
-        if self.key is not None and self.state not in (_UNREAD, _READY):
+        if self.key is not None and self.state not in (UNREAD, _READY):
             await self.resolve()
 
     def plan(self) -> tuple[bool, Any] | None:
@@ -406,10 +457,22 @@ class _Cell:
             return None
         return True, value
 
+    async def save(self) -> None:
+        """Write back (or delete) the value if its encoding changed (a single session's cell is
+        its own :class:`Binding`)."""
+        state = self.state
+        if state != _READY:
+            if state == UNREAD:
+                return
+            await self.settle()
+        plan = self.plan()
+        if plan is not None:
+            await self.execute(plan)
+
     async def execute(self, plan: tuple[bool, Any]) -> None:
-        """Carry out :meth:`plan`'s result."""
-        if self.locks is not None:
-            await self._enter_db_lock()
+        """Carry out :meth:`plan`'s result (taking the locks first, if not yet taken)."""
+        if self.need_lock or self.db_pending:
+            await self.lock()
         storage = self.spec.storage
         if plan[0]:
             await storage.write(self.key, plan[1])
@@ -422,7 +485,7 @@ class _MultiSession:
 
     __slots__ = ("_cells",)
 
-    def __init__(self, cells: dict[str, _Cell]) -> None:
+    def __init__(self, cells: dict[str, Cell]) -> None:
         object.__setattr__(self, "_cells", cells)
 
     def __getattr__(self, name: str) -> Any:
@@ -453,71 +516,33 @@ class _MultiSession:
         )
 
 
-class _Binding:
-    """The session of one update: its cells and how ``context.session`` shows them."""
+class Binding(Protocol):
+    """The session of one update and how ``context.session`` shows it: a single session's
+    :class:`Cell`, or a :class:`MultiBinding`."""
 
-    __slots__ = ("cells",)
+    def get(self) -> Any:
+        """``context.session`` as a :class:`~ptb_sessions.SessionContext` returns it."""
 
-    def __init__(self, cells: Sequence[_Cell]) -> None:
+    def set(self, value: Any) -> None:
+        """``context.session = value`` on a :class:`~ptb_sessions.SessionContext`."""
+
+    def public(self) -> Any:
+        """What is put into ``context.session`` of a plain context."""
+
+    def adopt(self, value: Any) -> None:
+        """Take over what the handler left in ``context.session`` of a plain context."""
+
+    async def save(self) -> None:
+        """Write back (or delete) the values whose encoding changed."""
+
+
+class MultiBinding:
+    """The :class:`Binding` of a multi session: one cell per fragment."""
+
+    __slots__ = ("cells", "facade")
+
+    def __init__(self, cells: Sequence[Cell]) -> None:
         self.cells = cells
-
-    def get(self) -> Any:
-        raise NotImplementedError
-
-    def set(self, value: Any) -> None:
-        raise NotImplementedError
-
-    def public(self) -> Any:
-        raise NotImplementedError
-
-    def adopt(self, value: Any) -> None:
-        raise NotImplementedError
-
-    async def save(self) -> None:
-        """Write back (or delete) the values whose encoding changed. Every value is encoded
-        before anything is written, so an unencodable fragment stops all writes."""
-        cells = self.cells
-        for cell in cells:
-            await cell.settle()
-        plans = [(cell, cell.plan()) for cell in cells]
-        for cell, plan in plans:
-            if plan is not None:
-                await cell.execute(plan)
-
-
-class _SingleBinding(_Binding):
-    __slots__ = ("cell",)
-
-    def __init__(self, cell: _Cell) -> None:
-        super().__init__((cell,))
-        self.cell = cell
-
-    def get(self) -> Any:
-        return self.cell.get()
-
-    def set(self, value: Any) -> None:
-        self.cell.set(value)
-
-    def public(self) -> Any:
-        return self.cell.public()
-
-    def adopt(self, value: Any) -> None:
-        self.cell.adopt(value)
-
-    async def save(self) -> None:
-        cell = self.cell
-        if cell.state != _READY:
-            await cell.settle()
-        plan = cell.plan()
-        if plan is not None:
-            await cell.execute(plan)
-
-
-class _MultiBinding(_Binding):
-    __slots__ = ("facade",)
-
-    def __init__(self, cells: Sequence[_Cell]) -> None:
-        super().__init__(cells)
         named = {cast(str, cell.spec.name): cell for cell in cells}
         self.facade = _MultiSession(named)
 
@@ -542,21 +567,13 @@ class _MultiBinding(_Binding):
     def adopt(self, value: Any) -> None:
         self.set(None if value is MISSING else value)
 
-
-def binding_for(cells: Sequence[_Cell], multi: bool) -> _Binding:
-    """The binding of ``cells`` (one cell unless ``multi``); lazy cells get their facade."""
-    for cell in cells:
-        if cell.spec.lazy and cell.key is not None:
-            cell.facade = LazySession[Any](cell)
-    if multi:
-        return _MultiBinding(cells)
-    return _SingleBinding(cells[0])
-
-
-def new_cell(spec: Spec, update: object, locks: AsyncExitStack | None) -> _Cell:
-    """A cell for ``spec`` in ``update``; a lazy cell with a database lock enters it on
-    ``locks`` when first read or saved."""
-    cell = _Cell(spec, spec.full_key(update), update)
-    if spec.lazy and spec.db_lock:
-        cell.locks = locks
-    return cell
+    async def save(self) -> None:
+        """Write back (or delete) the values whose encoding changed. Every value is encoded
+        before anything is written, so an unencodable fragment stops all writes."""
+        cells = self.cells
+        for cell in cells:
+            await cell.settle()
+        plans = [(cell, cell.plan()) for cell in cells]
+        for cell, plan in plans:
+            if plan is not None:
+                await cell.execute(plan)

@@ -6,7 +6,6 @@ import datetime as dtm
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -14,11 +13,18 @@ from telegram import Update
 from telegram.ext import ApplicationHandlerStop, BaseHandler, ConversationHandler
 from telegram.ext._utils.types import CCT
 
-from ptb_sessions import _sessionlock
 from ptb_sessions._codec import JSONCodec
 from ptb_sessions._keys import by_chat
 from ptb_sessions._sessioncontext import SessionContext, current_binding
-from ptb_sessions._sessioncore import MISSING, LazySession, Spec, binding_for, new_cell
+from ptb_sessions._sessioncore import (
+    MISSING,
+    UNREAD,
+    Binding,
+    Cell,
+    LazySession,
+    MultiBinding,
+    Spec,
+)
 from ptb_sessions.storage._enhance import enhance_storage
 from ptb_sessions.storage._memory import MemoryStorage
 
@@ -157,7 +163,9 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
     * Updates with the same key (per storage) are handled one at a time in this process, from
       load to save, by every :class:`SessionHandler`, so ``concurrent_updates`` never loses a
       write. With ``lock="database"`` the storage's ``lock(key)`` (a row lock in PostgreSQL
-      or MariaDB) is held as well, so several processes take turns.
+      or MariaDB) is held as well, so several processes take turns. A lazy session takes
+      these locks when first used (its read, or the write of an assigned value), so an update
+      that never touches it neither waits nor locks.
     * The wrapped handlers' own ``block`` is ignored; :paramref:`block` counts. The previous
       ``context.session`` is restored afterwards (one context serves all handler groups).
 
@@ -197,7 +205,7 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
             has no ``lock`` method.
     """
 
-    __slots__ = ("_fragments", "_handlers", "_lock", "_multi", "_specs")
+    __slots__ = ("_fragments", "_handlers", "_lock", "_multi", "_single", "_specs")
 
     def __init__(
         self,
@@ -290,6 +298,7 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
                     f"keys may collide: give them different prefixes, e.g. prefix='{name}:'."
                 )
         self._specs = tuple(specs)
+        self._single = None if self._multi else specs[0]
 
     def _spec(
         self,
@@ -398,37 +407,100 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         Returns:
             The wrapped handler's result (a new state inside a ConversationHandler).
         """
-        specs = self._specs
-        if self._lock == "process" and len(specs) == 1 and not specs[0].lazy:
-            cell = new_cell(specs[0], update, None)
-            if cell.key is None:
-                return await self._run(update, application, check_result, context, [cell])
-            lock_key = (*specs[0].lock_id, cell.key)
-            entry = await _sessionlock.acquire(lock_key)
-            try:
+        spec = self._single
+        if spec is None:
+            return await self._handle_multi(update, application, check_result, context)
+        # The single session, kept short: this runs for every update (see bench/sessions.py).
+        # A strict session is read, under its locks, before the handler; a lazy one takes its
+        # locks only when first used, so an untouched one costs no lock and no I/O.
+        handler, check = check_result
+        cell = Cell(spec, update)
+        try:
+            if not spec.lazy and cell.key is not None:
                 await cell.load()
-                return await self._run(update, application, check_result, context, [cell])
+            if isinstance(context, SessionContext):
+                token = current_binding.set(cell)
+                try:
+                    try:
+                        result = await handler.handle_update(update, application, check, context)
+                    except ApplicationHandlerStop:
+                        if cell.state != UNREAD:
+                            await cell.save()
+                        raise
+                    if cell.state != UNREAD:
+                        await cell.save()
+                    return result
+                finally:
+                    current_binding.reset(token)
+            attrs = context.__dict__
+            previous = attrs.get("session", MISSING)
+            attrs["session"] = cell.public()
+            try:
+                try:
+                    result = await handler.handle_update(update, application, check, context)
+                except ApplicationHandlerStop:
+                    cell.adopt(attrs.get("session", MISSING))
+                    if cell.state != UNREAD:
+                        await cell.save()
+                    raise
+                cell.adopt(attrs.get("session", MISSING))
+                if cell.state != UNREAD:
+                    await cell.save()
+                return result
             finally:
-                _sessionlock.release(lock_key, entry)
+                if previous is MISSING:
+                    attrs.pop("session", None)
+                else:
+                    attrs["session"] = previous
+        finally:
+            cell.need_lock = cell.db_pending = False  # a later use (from a task) locks nothing
+            if cell.entry is not None or cell.db_lock is not None:
+                await cell.unlock()
 
-        async with AsyncExitStack() as stack:
-            db_stack = stack if self._lock == "database" else None
-            cells = [new_cell(spec, update, db_stack) for spec in specs]
-            by_lock = {(*c.spec.lock_id, c.key): c for c in cells if c.key is not None}
-            keyed = sorted(by_lock.items(), key=lambda item: item[0])
-            for lock_key, _ in keyed:
-                entry = await _sessionlock.acquire(lock_key)
-                stack.callback(_sessionlock.release, lock_key, entry)
-            for lock_key, cell in keyed:
-                if db_stack is not None and not cell.spec.lazy:
-                    storage = cell.spec.storage
-                    await stack.enter_async_context(
-                        cast(AbstractAsyncContextManager[Any], storage.lock(lock_key[-1]))
-                    )
+    async def _handle_multi(
+        self,
+        update: Update,
+        application: Application[Any, CCT, Any, Any, Any, Any],
+        check_result: tuple[BaseHandler[Any, CCT, Any], object],
+        context: CCT,
+    ) -> object:
+        """:meth:`handle_update` of a multi session. The per-key locks of all its keys are
+        taken up front, in a fixed order (two updates that used their fragments in opposite
+        orders could otherwise wait for each other forever); so are the database locks of the
+        strict fragments, while a lazy fragment enters its own when it is first used."""
+        cells = [Cell(spec, update) for spec in self._specs]
+        groups: dict[tuple[int, str, str], list[Cell]] = {}
+        for cell in cells:
+            if cell.key is not None:
+                groups.setdefault((*cell.spec.lock_id, cell.key), []).append(cell)
+                cell.need_lock = False  # taken below
+        heads: list[tuple[Cell, bool]] = []
+        for lock_key in sorted(groups):
+            head, *others = groups[lock_key]
+            for other in others:  # keys that collide: the head takes the locks for all
+                other.db_pending = False
+            heads.append((head, bool(others) or not head.spec.lazy))
+        try:
+            for head, _ in heads:
+                await head.acquire()
+            for head, eager in heads:
+                if eager and head.db_pending:
+                    await head.lock()
             for cell in cells:
                 if cell.key is not None and not cell.spec.lazy:
                     await cell.load()
-            return await self._run(update, application, check_result, context, cells)
+            return await self._run(update, application, check_result, context, MultiBinding(cells))
+        finally:
+            for cell in cells:
+                cell.db_pending = False  # a later use (from a task) locks nothing
+            error: BaseException | None = None
+            for head, _ in reversed(heads):
+                try:
+                    await head.unlock()
+                except BaseException as exc:  # unlock the others, then raise
+                    error = error or exc
+            if error is not None:
+                raise error
 
     async def _run(
         self,
@@ -436,11 +508,10 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         application: Application[Any, CCT, Any, Any, Any, Any],
         check_result: tuple[BaseHandler[Any, CCT, Any], object],
         context: CCT,
-        cells: list[Any],
+        binding: Binding,
     ) -> object:
-        """Run the wrapped handler with ``context.session`` bound to ``cells``, then save."""
+        """Run the wrapped handler with ``context.session`` bound to ``binding``, then save."""
         handler, check = check_result
-        binding = binding_for(cells, self._multi)
         if isinstance(context, SessionContext):
             token = current_binding.set(binding)
             try:

@@ -981,25 +981,190 @@ class Keyed:
         self.key = key
 
 
-async def test_lock_table_stays_empty_over_100000_distinct_keys(session_storage: Maker) -> None:
+async def test_lock_table_hands_keys_over_in_order_and_survives_cancelled_waiters() -> None:
+    key = (0, "test", "k")
+    first = _sessionlock.try_acquire(key)
+    assert first is not None
+    assert _sessionlock.try_acquire(key) is None  # held: no waiting here
+    order: list[str] = []
+
+    async def wait(name: str) -> None:
+        entry = await _sessionlock.acquire(key)
+        order.append(name)
+        await asyncio.sleep(0)
+        _sessionlock.release(key, entry)
+
+    a = asyncio.ensure_future(wait("a"))
+    cancelled = asyncio.ensure_future(wait("cancelled"))
+    b = asyncio.ensure_future(wait("b"))
+    await asyncio.sleep(0)
+    cancelled.cancel()  # cancelled while waiting: leaves the queue
+    await asyncio.sleep(0)
+    _sessionlock.release(key, first)
+    await asyncio.gather(a, b, return_exceptions=True)
+    assert order == ["a", "b"]
+    assert cancelled.cancelled()
+    assert _sessionlock.locked_keys() == 0
+
+    # handed over, but cancelled before it ran: the key goes on to the next waiter
+    first = _sessionlock.try_acquire(key)
+    assert first is not None
+    late = asyncio.ensure_future(wait("late"))
+    c = asyncio.ensure_future(wait("c"))
+    await asyncio.sleep(0)
+    _sessionlock.release(key, first)  # to "late" ...
+    late.cancel()  # ... which is cancelled before it resumes
+    await asyncio.gather(late, c, return_exceptions=True)
+    assert order == ["a", "b", "c"]
+    assert _sessionlock.locked_keys() == 0
+
+
+async def test_lazy_session_used_after_its_handler_takes_no_lock(session_storage: Maker) -> None:
+    kept: list[Any] = []
+
+    async def keep(update: Update, context: Any) -> None:
+        kept.append(context.session)
+
+    storage = session_storage("session")
+    await storage.write("1", {"n": 1})
+    handler = SessionHandler([on_text(keep)], storage=storage, lazy=True, lock="process")
+    await Bot(handler).send(message_update(1))
+    assert await asyncio.wait_for(kept[0], 5) == {"n": 1}  # read late, without the lock
+    assert _sessionlock.locked_keys() == 0
+
+
+class NoneStorage:
+    """A storage with nothing in it, and no I/O: the lock table alone is under test."""
+
+    async def read(self, key: str) -> Any:
+        return None
+
+    async def write(self, key: str, value: Any) -> None:
+        raise AssertionError("nothing is written")
+
+    async def delete(self, key: str) -> None:
+        raise AssertionError("nothing is deleted")
+
+
+async def test_lock_table_stays_empty_over_100000_distinct_keys() -> None:
     peak: list[int] = [0]
 
     async def touch(update: Keyed, context: Any) -> None:
+        assert await context.session is None  # the lock is taken on first use
         peak[0] = max(peak[0], _sessionlock.locked_keys())
-        assert isinstance(context.session, LazySession)  # untouched: the lock alone, no I/O
         await asyncio.sleep(0)
 
     def key(update: Any) -> str:
         return update.key  # type: ignore[no-any-return]
 
-    spy = Spy(session_storage("session"))
+    spy = Spy(NoneStorage())
     handler = SessionHandler([TypeHandler(Keyed, touch)], storage=spy, key=key, lazy=True)
     bot = Bot(handler, concurrent=64)
     handled: list[object] = []
     await run_concurrently(bot, [Keyed(f"k{i}") for i in range(100_000)], handled)
     assert len(handled) == 100_000
     assert 1 < peak[0] <= 64
-    assert spy.counts == (0, 0, 0)
+    assert spy.counts == (100_000, 0, 0)
+    assert _sessionlock.locked_keys() == 0
+
+
+async def test_lazy_never_touched_takes_no_lock(session_storage: Maker) -> None:
+    """An untouched lazy session neither takes the per-key lock nor waits for it."""
+    storage = session_storage("session")
+    held = asyncio.Event()
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def slow(update: Update, context: Any) -> None:
+        session = await context.session
+        held.set()
+        await release.wait()
+        session["n"] = 1
+        order.append("slow saved")
+
+    async def untouched(update: Update, context: Any) -> None:
+        await held.wait()
+        assert _sessionlock.locked_keys() == 1  # the slow update holds chat 1
+        order.append("untouched")
+        release.set()
+
+    handler = SessionHandler(
+        [
+            MessageHandler(filters.Regex("slow"), slow),
+            MessageHandler(filters.Regex("untouched"), untouched),
+        ],
+        storage=storage,
+        lazy=True,
+        initial=lambda: {"n": 0},
+    )
+    bot = Bot(handler, concurrent=8)
+    handled: list[object] = []
+    await asyncio.wait_for(
+        run_concurrently(
+            bot, [message_update(1, "slow"), message_update(1, "untouched")], handled
+        ),
+        10,
+    )
+    assert bot.errors == []
+    assert order == ["untouched", "slow saved"]
+    assert await storage.read("1") == {"n": 1}
+
+
+@pytest.mark.parametrize("how", ["await", "assign"])
+async def test_lazy_takes_the_lock_on_first_use_until_saved(
+    session_storage: Maker, how: str
+) -> None:
+    """Awaiting a lazy session takes the key's lock until the save; an assignment (which
+    cannot wait) takes it before the write. Both wait for an update that holds it."""
+    storage = session_storage("session")
+    held = asyncio.Event()
+    release = asyncio.Event()
+    events: list[str] = []
+
+    async def first(update: Update, context: Any) -> None:
+        session = await context.session
+        held.set()
+        await release.wait()
+        session["n"] += 1
+        events.append("first done")
+
+    async def second(update: Update, context: Any) -> None:
+        await held.wait()
+        if how == "await":
+            task = asyncio.ensure_future(context.session)
+            await asyncio.sleep(0.01)
+            assert not task.done()  # waits for the first update's lock
+            events.append("second waiting")
+            release.set()
+            session = await task
+            events.append(f"second read {session['n']}")
+            session["n"] += 10
+        else:
+            context.session = {"n": 100}
+            events.append("second assigned")
+            release.set()
+
+    handler = SessionHandler(
+        [
+            MessageHandler(filters.Regex("first"), first),
+            MessageHandler(filters.Regex("second"), second),
+        ],
+        storage=storage,
+        lazy=True,
+        initial=lambda: {"n": 0},
+    )
+    bot = Bot(handler, concurrent=8)
+    handled: list[object] = []
+    updates = [message_update(1, "first"), message_update(1, "second")]
+    await asyncio.wait_for(run_concurrently(bot, updates, handled), 10)
+    assert bot.errors == []
+    if how == "await":
+        assert events == ["second waiting", "first done", "second read 1"]
+        assert await storage.read("1") == {"n": 11}
+    else:
+        # the blind write waited for the first update's save, then replaced its value
+        assert events == ["second assigned", "first done"]
+        assert await storage.read("1") == {"n": 100}
     assert _sessionlock.locked_keys() == 0
 
 
