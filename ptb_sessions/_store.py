@@ -39,6 +39,10 @@ _C = _TABLE.c
 
 #: ``Write.expected_version`` that skips the version check (a blind write).
 ANY_VERSION: Final = -1
+#: The PostgreSQL advisory lock id of schema upgrades ("ptbs" in ASCII).
+_SCHEMA_LOCK_ID: Final = 0x70746273
+_PG_LOCK_SCHEMA = text("SELECT pg_advisory_lock(:id)")
+_PG_UNLOCK_SCHEMA = text("SELECT pg_advisory_unlock(:id)")
 #: How often a transaction that lost a deadlock to another process is tried again.
 _DEADLOCK_RETRIES: Final = 5
 #: How many keys go into one ``IN (...)`` list.
@@ -237,11 +241,18 @@ class Database:
             try:
                 current = await _alembic.current_revision(self.engine)
                 if current != head and self.auto_upgrade:
-                    _LOGGER.info(
-                        "Upgrading %s from revision %s to %s", self.masked_url, current, head
-                    )
-                    await _alembic.upgrade(self.engine, head)
-                    current = await _alembic.current_revision(self.engine)
+                    async with self._schema_lock():
+                        # Another process may have upgraded while this one waited.
+                        current = await _alembic.current_revision(self.engine)
+                        if current != head:
+                            _LOGGER.info(
+                                "Upgrading %s from revision %s to %s",
+                                self.masked_url,
+                                current,
+                                head,
+                            )
+                            await _alembic.upgrade(self.engine, head)
+                            current = await _alembic.current_revision(self.engine)
             except SQLAlchemyError as exc:
                 raise self.error(exc, "Checking the database schema") from exc
             except OSError as exc:
@@ -255,6 +266,29 @@ class Database:
                     f"repository), or pass auto_upgrade=True."
                 )
             self._ready = True
+
+    @contextlib.asynccontextmanager
+    async def _schema_lock(self) -> AsyncIterator[None]:
+        """Serialize schema upgrades across processes (PostgreSQL advisory lock, MariaDB/MySQL
+        ``GET_LOCK``), so two bots starting on an empty database do not both create it. On
+        SQLite the upgrade's own ``BEGIN IMMEDIATE`` transaction serializes them."""
+        if self.dialect == "sqlite":
+            yield
+            return
+        async with self.engine.connect() as connection:
+            if self.dialect == "postgresql":
+                await connection.execute(_PG_LOCK_SCHEMA, {"id": _SCHEMA_LOCK_ID})
+            else:
+                await connection.execute(text("SELECT GET_LOCK('ptb_sessions_schema', 300)"))
+            await connection.commit()
+            try:
+                yield
+            finally:
+                if self.dialect == "postgresql":
+                    await connection.execute(_PG_UNLOCK_SCHEMA, {"id": _SCHEMA_LOCK_ID})
+                else:
+                    await connection.execute(text("SELECT RELEASE_LOCK('ptb_sessions_schema')"))
+                await connection.commit()
 
     @contextlib.asynccontextmanager
     async def connect(
