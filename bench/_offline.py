@@ -11,7 +11,6 @@ import asyncio
 import datetime as dtm
 import gc
 import itertools
-import json
 import logging
 import os
 import pickle
@@ -26,7 +25,6 @@ from typing import Any
 
 from telegram import Bot, Chat, Message, Update, User
 from telegram.ext import Application, ApplicationBuilder
-from telegram.request import BaseRequest, RequestData
 
 TOKEN = "123456:ABCDEF-offline-bench-token"
 BOT_USER = {"id": 123456, "is_bot": True, "first_name": "Offline", "username": "offline_bot"}
@@ -54,47 +52,7 @@ logging.getLogger("asyncmy").setLevel(logging.ERROR)
 
 # -- offline application ------------------------------------------------------------------
 
-
-class OfflineRequest(BaseRequest):
-    """Answers every Bot API call in-process (``getMe``, ``sendMessage``...)."""
-
-    @property
-    def read_timeout(self) -> float | None:
-        return None
-
-    async def initialize(self) -> None:
-        pass
-
-    async def shutdown(self) -> None:
-        pass
-
-    async def do_request(
-        self,
-        url: str,
-        method: str,
-        request_data: RequestData | None = None,
-        read_timeout: Any = None,
-        write_timeout: Any = None,
-        connect_timeout: Any = None,
-        pool_timeout: Any = None,
-    ) -> tuple[int, bytes]:
-        api_method = url.rsplit("/", 1)[-1]
-        params = dict(request_data.parameters) if request_data is not None else {}
-        result: Any = True
-        if api_method == "getMe":
-            result = BOT_USER
-        elif api_method == "sendMessage":
-            chat_id = int(params.get("chat_id", 0))
-            result = {
-                "message_id": next(_message_ids),
-                "date": int(time.time()),
-                "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
-                "from": BOT_USER,
-                "text": params.get("text", ""),
-            }
-        elif api_method == "getUpdates":
-            result = []
-        return 200, json.dumps({"ok": True, "result": result}).encode()
+from ptb_sessions._demo import OfflineRequest  # noqa: E402 - the demo's in-process Bot API
 
 
 def builder() -> ApplicationBuilder:  # type: ignore[type-arg]

@@ -4,13 +4,13 @@ in-process, and builders of real ``telegram.Update`` objects."""
 from __future__ import annotations
 
 import itertools
-import json
-import time
 from typing import Any
 
 from telegram import Bot, Chat, InlineQuery, Message, Update, User
 from telegram.ext import Application, ApplicationBuilder
-from telegram.request import BaseRequest, RequestData
+from telegram.request import RequestData
+
+from ptb_sessions._demo import OfflineRequest as PackageOfflineRequest
 
 TOKEN = "123456:ABCDEF-offline-test-token"
 BOT_USER = {"id": 123456, "is_bot": True, "first_name": "Offline", "username": "offline_bot"}
@@ -18,22 +18,15 @@ _update_ids = itertools.count(1)
 _message_ids = itertools.count(1)
 
 
-class OfflineRequest(BaseRequest):
-    """Answers every Bot API call in-process. ``sendMessage`` returns a real message built from
-    its parameters; every call is recorded in :attr:`calls` as ``(method, params)``."""
+class OfflineRequest(PackageOfflineRequest):
+    """The demo's in-process ``BaseRequest`` (``getMe`` and ``sendMessage`` answered like the
+    Bot API would), recording every call in :attr:`calls` as ``(method, params)``."""
+
+    __slots__ = ("calls",)
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[tuple[str, dict[str, Any]]] = []
-
-    @property
-    def read_timeout(self) -> float | None:
-        return None
-
-    async def initialize(self) -> None:
-        pass
-
-    async def shutdown(self) -> None:
-        pass
 
     async def do_request(
         self,
@@ -45,24 +38,9 @@ class OfflineRequest(BaseRequest):
         connect_timeout: Any = None,
         pool_timeout: Any = None,
     ) -> tuple[int, bytes]:
-        api_method = url.rsplit("/", 1)[-1]
         params = dict(request_data.parameters) if request_data is not None else {}
-        self.calls.append((api_method, params))
-        result: Any = True
-        if api_method == "getMe":
-            result = BOT_USER
-        elif api_method in ("sendMessage", "editMessageText"):
-            chat_id = int(params.get("chat_id", 0))
-            result = {
-                "message_id": next(_message_ids),
-                "date": int(time.time()),
-                "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
-                "from": BOT_USER,
-                "text": params.get("text", ""),
-            }
-        elif api_method == "getUpdates":
-            result = []
-        return 200, json.dumps({"ok": True, "result": result}).encode()
+        self.calls.append((url.rsplit("/", 1)[-1], params))
+        return await super().do_request(url, method, request_data)
 
     def texts(self, chat_id: int | None = None) -> list[str]:
         """The texts sent with ``sendMessage``, optionally only those to ``chat_id``."""

@@ -146,8 +146,7 @@ def apply_migrations(
     if stored_version is not None:
         if not _is_number(stored_version):
             raise MigrationError(
-                f"{key!r} has the invalid data version {stored_version!r}; "
-                "versions are numbers"
+                f"{key!r} has the invalid data version {stored_version!r}; versions are numbers"
             )
         if stored_version > latest:
             raise MigrationError(
