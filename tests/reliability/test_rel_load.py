@@ -9,11 +9,10 @@ so what is measured is what the bot keeps, not the backlog of the queue.
 
 Like every test in this directory, it runs with all logging at DEBUG level (see conftest.py).
 
-Sizes: 50,000 updates over 5,000 chats on SQLite (about 50 s on the 2-core development machine).
-PostgreSQL is scaled down to 25,000 updates over the same 5,000 chats: at DEBUG level SQLAlchemy
-logs every statement and its parameters, which brings PostgreSQL to about 490 updates/s, so
-50,000 took 102 s there (measured), above the ~90 s budget of one backend in the test command.
-``PTB_SESSIONS_LOAD_UPDATES`` and ``PTB_SESSIONS_LOAD_CHATS`` override the sizes (both backends).
+Sizes: 50,000 updates over 5,000 chats on SQLite and on PostgreSQL, as the issue asks (about
+40 s and 100 s on the 2-core development machine: at DEBUG level SQLAlchemy logs every statement
+PostgreSQL runs). ``PTB_SESSIONS_LOAD_UPDATES`` and ``PTB_SESSIONS_LOAD_CHATS`` override the
+sizes (both backends).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from _reliability import Feeder, collect_errors, counter_app, raw_rows
 
 from ptb_sessions import SQLAlchemyPersistence, _sessionlock
 
-UPDATES = {"sqlite": 50_000, "postgresql": 25_000}
+UPDATES = {"sqlite": 50_000, "postgresql": 50_000}
 if "PTB_SESSIONS_LOAD_UPDATES" in os.environ:
     UPDATES = dict.fromkeys(UPDATES, int(os.environ["PTB_SESSIONS_LOAD_UPDATES"]))
 CHATS = int(os.environ.get("PTB_SESSIONS_LOAD_CHATS", "5000"))
