@@ -129,6 +129,7 @@ class Database:
         "_owns_engine",
         "_ready",
         "_ready_lock",
+        "_sqlite_driver",
         "_url",
         "auto_upgrade",
         "clock",
@@ -157,6 +158,7 @@ class Database:
         #: How many connections are kept open for single-row reads and writes.
         self.fast_connections = 1 if self.dialect == "sqlite" else 4
         self._fast_idle: list[AsyncConnection] = []
+        self._sqlite_driver: Any = None
         self._fast_slots: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
@@ -193,6 +195,7 @@ class Database:
         """Close the kept connections, and the engine's if the engine was created here."""
         idle, self._fast_idle = self._fast_idle, []
         self._fast_slots = None
+        self._sqlite_driver = None
         for connection in idle:
             with contextlib.suppress(Exception):
                 await connection.close()
@@ -360,7 +363,7 @@ class Database:
             return rows, (len(rows) if result.returns_rows else result.rowcount)
         sql, names, literals = _compiled_for_sqlite(statement)
         args = tuple(params[name] if name in params else literals[name] for name in names)
-        driver = (await connection.get_raw_connection()).driver_connection
+        driver = self._sqlite_driver  # the shared connection's (see _sqlite_autocommit)
         assert driver is not None
         if statement.is_select:
             rows = list(await driver.execute_fetchall(sql, args))
@@ -381,6 +384,8 @@ class Database:
                         await connection.execution_options(isolation_level="AUTOCOMMIT")
                     except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
                         raise self.error(exc, what) from exc
+                    driver = (await connection.get_raw_connection()).driver_connection
+                    self._sqlite_driver = driver
                     self._fast_idle.append(connection)
         connection = self._fast_idle[0]
         try:
@@ -388,6 +393,7 @@ class Database:
         except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
             if self._fast_idle and self._fast_idle[0] is connection:
                 self._fast_idle.clear()
+                self._sqlite_driver = None
                 with contextlib.suppress(Exception):
                     await connection.invalidate()
             raise self.error(exc, what) from exc
