@@ -25,12 +25,9 @@ from telegram.ext import ExtBot, PicklePersistence
 from ptb_sessions._cli_common import CLIError, progress_bar, require_head
 from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
 from ptb_sessions._errors import SerializationError
+from ptb_sessions._rows import encode_value
 from ptb_sessions._schema import MAX_NAMESPACE_LENGTH, StoredRow
-from ptb_sessions._sqlalchemypersistence import (
-    BUILTIN_NAMESPACES,
-    SQLAlchemyPersistence,
-    encode_value,
-)
+from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES, SQLAlchemyPersistence
 from ptb_sessions._store import Database, check_key
 
 __all__ = ["FIELDS", "export_jsonl", "import_jsonl", "import_pickle"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dtm
 import json
 import logging
@@ -19,6 +18,7 @@ from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
 from ptb_sessions._codec import Codec, JSONCodec
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
+from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
 from ptb_sessions._store import ANY_VERSION, Database, Record, Write, check_key
 from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
@@ -26,7 +26,7 @@ from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorte
 if TYPE_CHECKING:
     from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
 
-__all__ = ["DEFAULT_MAX_VALUE_SIZE", "SQLAlchemyPersistence"]
+__all__ = ["SQLAlchemyPersistence"]
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -34,73 +34,11 @@ UD = TypeVar("UD")
 CD = TypeVar("CD")
 BD = TypeVar("BD")
 
-#: The default limit of one encoded value: 1 MiB.
-DEFAULT_MAX_VALUE_SIZE = 1 << 20
-
 _BOT_KEY = "bot"
 _CALLBACK_KEY = "callback_data"
 _CONVERSATION_PREFIX = "conversation:"
 #: The namespaces of PTB's own data; everything else in the table is a session namespace.
 BUILTIN_NAMESPACES = frozenset({"user_data", "chat_data", "bot_data", "callback_data"})
-
-
-def encode_value(codec: Codec, value: Any, root: str, max_size: int | None) -> tuple[str, str]:
-    """Encode ``value`` for a row: ``(codec name, text)``; bytes are stored as base64.
-
-    Raises:
-        SerializationError: The value cannot be encoded, or is larger than ``max_size``.
-    """
-    try:
-        encoded = codec.encode(value)
-    except SerializationError as exc:
-        raise exc.located(root) from None
-    if isinstance(encoded, bytes):
-        encoded = base64.b64encode(encoded).decode("ascii")
-    size = len(encoded)
-    if not encoded.isascii():
-        # The database stores UTF-8: a lone surrogate cannot be stored at all (the driver
-        # would fail with a bare UnicodeEncodeError), and the limit counts bytes.
-        try:
-            size = len(encoded.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise SerializationError(
-                f"the value contains text that is not valid Unicode (the lone surrogate "
-                f"{exc.object[exc.start : exc.end]!r}), which cannot be stored",
-                root=root,
-            ) from None
-    if max_size is not None and size > max_size:
-        raise SerializationError(
-            f"the encoded value is {size:,} bytes, more than the limit of "
-            f"{max_size:,} (max_value_size)",
-            root=root,
-        )
-    return codec.name, encoded
-
-
-def decode_record(codec: Codec, record: Record, namespace: str, key: str) -> Any:
-    """Decode a row's value.
-
-    Raises:
-        StorageError: The row holds no value, was written by another codec, or cannot be
-            decoded. The message names ``namespace`` and ``key``.
-    """
-    where = f"{namespace}[{key!r}]"
-    if record.data is None:
-        raise StorageError(f"The stored row of {where} holds no value (NULL)")
-    if record.codec != codec.name:
-        raise StorageError(
-            f"The stored row of {where} was written with the codec {record.codec!r}, but this "
-            f"persistence uses {codec.name!r}; it is not decoded"
-        )
-    data: str | bytes = record.data
-    try:
-        if codec.name != "json":
-            data = base64.b64decode(record.data.encode("ascii"), validate=True)
-        return codec.decode(data)
-    except Exception as exc:
-        raise StorageError(
-            f"The stored row of {where} cannot be decoded: {type(exc).__name__}: {exc}"
-        ) from exc
 
 
 class _Kind:

@@ -56,7 +56,8 @@ from ptb_sessions._cli_common import (
 )
 from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
 from ptb_sessions._errors import PTBSessionsError
-from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES, decode_record
+from ptb_sessions._rows import decode_record
+from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES
 from ptb_sessions._store import Record
 from ptb_sessions._url import DEFAULT_URL, mask_url, to_async_url
 

@@ -12,15 +12,13 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ptb_sessions._codec import Codec, JSONCodec
+from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
 from ptb_sessions._store import ANY_VERSION, Database, Record, Write, check_key
 from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._base import ReadVersions
 from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
 
 __all__ = ["SQLAlchemyStorage"]
-
-#: The default limit of one encoded value: 1 MiB (as ``SQLAlchemyPersistence``'s).
-_DEFAULT_MAX_VALUE_SIZE = 1 << 20
 
 
 class SQLAlchemyStorage:
@@ -73,7 +71,7 @@ class SQLAlchemyStorage:
         migrations: Mapping[float, Callable[[Any], Any]] | None = None,
         auto_upgrade: bool = True,
         clock: Callable[[], float] = time.time,
-        max_value_size: int | None = _DEFAULT_MAX_VALUE_SIZE,
+        max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
     ) -> None:
         self.database = (
             url
@@ -110,8 +108,6 @@ class SQLAlchemyStorage:
         )
 
     def _decode(self, key: str, record: Record) -> Any:
-        from ptb_sessions._sqlalchemypersistence import decode_record
-
         value = decode_record(self.codec, record, self.namespace, key)
         if self._migrations is not None:
             value, _ = apply_migrations(
@@ -151,8 +147,6 @@ class SQLAlchemyStorage:
             ConflictError: The row changed since this task read it; nothing is written.
             StorageError: The database failed.
         """
-        from ptb_sessions._sqlalchemypersistence import encode_value
-
         check_key(self.namespace, key)
         codec, data = encode_value(
             self.codec, value, f"{self.namespace}[{key!r}]", self.max_value_size

@@ -32,7 +32,7 @@ from ptb_sessions import (
     SQLAlchemyStorage,
     StorageError,
 )
-from ptb_sessions._sqlalchemypersistence import encode_value
+from ptb_sessions._rows import encode_value
 
 SETTINGS = settings(
     max_examples=50,
