@@ -257,7 +257,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
 
     @staticmethod
     def _as_type(factory: Callable[[], Any], value: Any, where: str) -> Any:
-        if isinstance(value, factory) if isinstance(factory, type) else False:
+        if isinstance(factory, type) and isinstance(value, factory):
             return value
         container = factory()
         if isinstance(container, dict) and isinstance(value, Mapping):
