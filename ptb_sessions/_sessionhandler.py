@@ -18,7 +18,6 @@ from ptb_sessions._keys import by_chat
 from ptb_sessions._sessioncontext import SessionContext, current_binding
 from ptb_sessions._sessioncore import (
     MISSING,
-    UNREAD,
     Binding,
     Cell,
     LazySession,
@@ -413,45 +412,12 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         # The single session, kept short: this runs for every update (see bench/sessions.py).
         # A strict session is read, under its locks, before the handler; a lazy one takes its
         # locks only when first used, so an untouched one costs no lock and no I/O.
-        handler, check = check_result
         cell = Cell(spec, update)
         try:
             if not spec.lazy and cell.key is not None:
                 await cell.load()
-            if isinstance(context, SessionContext):
-                token = current_binding.set(cell)
-                try:
-                    try:
-                        result = await handler.handle_update(update, application, check, context)
-                    except ApplicationHandlerStop:
-                        if cell.state != UNREAD:
-                            await cell.save()
-                        raise
-                    if cell.state != UNREAD:
-                        await cell.save()
-                    return result
-                finally:
-                    current_binding.reset(token)
-            attrs = context.__dict__
-            previous = attrs.get("session", MISSING)
-            attrs["session"] = cell.public()
-            try:
-                try:
-                    result = await handler.handle_update(update, application, check, context)
-                except ApplicationHandlerStop:
-                    cell.adopt(attrs.get("session", MISSING))
-                    if cell.state != UNREAD:
-                        await cell.save()
-                    raise
-                cell.adopt(attrs.get("session", MISSING))
-                if cell.state != UNREAD:
-                    await cell.save()
-                return result
-            finally:
-                if previous is MISSING:
-                    attrs.pop("session", None)
-                else:
-                    attrs["session"] = previous
+            # the cell is its own Binding; its save() does nothing for an untouched session
+            return await self._run(update, application, check_result, context, cell)
         finally:
             cell.need_lock = cell.db_pending = False  # a later use (from a task) locks nothing
             if cell.entry is not None or cell.db_lock is not None:
