@@ -30,6 +30,7 @@ from ptb_sessions import _alembic
 from ptb_sessions._errors import ConflictError, SchemaError, StorageError
 from ptb_sessions._schema import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, StoredRow
 from ptb_sessions._url import mask_url, to_async_url
+from ptb_sessions.storage._base import conflict_error
 
 __all__ = ["ANY_VERSION", "Database", "Record", "Write"]
 
@@ -667,10 +668,7 @@ class Database:
                 _, count = await self._run(connection, _UPDATE_IF_VERSION, params)
                 conflict = not count
         if conflict:
-            raise ConflictError(
-                f"{ns}[{key!r}] was changed by another writer since it was read; nothing was "
-                "overwritten. Read it again and redo the change."
-            )
+            raise conflict_error(key, f"namespace {ns!r}")
 
     def _insert_new(self) -> Any:
         """``INSERT`` one row unless its key exists (then 0 rows; MySQL: IntegrityError)."""
