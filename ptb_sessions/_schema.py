@@ -8,6 +8,8 @@ session namespaces (``session`` or a fragment's name).
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
     Double,
     Index,
     Integer,
@@ -21,9 +23,21 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
-__all__ = ["MAX_KEY_LENGTH", "MAX_NAMESPACE_LENGTH", "TABLE_NAME", "Base", "StoredRow", "metadata"]
+__all__ = [
+    "JOBS_TABLE_NAME",
+    "MAX_JOB_ID_LENGTH",
+    "MAX_KEY_LENGTH",
+    "MAX_NAMESPACE_LENGTH",
+    "TABLE_NAME",
+    "Base",
+    "StoredJob",
+    "StoredRow",
+    "metadata",
+]
 
 TABLE_NAME = "ptb_sessions_data"
+JOBS_TABLE_NAME = "ptb_sessions_jobs"
+MAX_JOB_ID_LENGTH = 191
 MAX_NAMESPACE_LENGTH = 128
 MAX_KEY_LENGTH = 512
 
@@ -109,3 +123,33 @@ class StoredRow(Base):
     expires_at: Mapped[float | None] = mapped_column(Double())
 
     __table_args__ = (Index("ix_ptb_sessions_data_expires_at", "expires_at"),)
+
+
+class StoredJob(Base):
+    """One job of the application's :class:`~telegram.ext.JobQueue` (``store_jobs=True``).
+
+    ``id`` is the APScheduler job id. ``callback`` is the job callback's import reference
+    (``module:qualname``), ``data`` the job's data encoded by the persistence's codec
+    (``codec``), ``trigger`` and ``options`` are JSON (the trigger's type and fields; the
+    APScheduler options ``misfire_grace_time``, ``coalesce``, ``max_instances`` and
+    ``executor``). ``next_run_at`` is the next run time in seconds since the epoch
+    (:obj:`None` while the job is paused); a process runs a due job only after moving it
+    forward with a conditional ``UPDATE``, so each run happens in exactly one process.
+    """
+
+    __tablename__ = JOBS_TABLE_NAME
+
+    id: Mapped[str] = mapped_column(ExactString(MAX_JOB_ID_LENGTH), primary_key=True)
+    name: Mapped[str | None] = mapped_column(LongText())
+    callback: Mapped[str] = mapped_column(LongText())
+    codec: Mapped[str] = mapped_column(String(16))
+    data: Mapped[str | None] = mapped_column(LongText())
+    chat_id: Mapped[int | None] = mapped_column(BigInteger())
+    user_id: Mapped[int | None] = mapped_column(BigInteger())
+    trigger: Mapped[str] = mapped_column(LongText())
+    options: Mapped[str] = mapped_column(LongText())
+    enabled: Mapped[bool] = mapped_column(Boolean())
+    next_run_at: Mapped[float | None] = mapped_column(Double())
+    updated_at: Mapped[float] = mapped_column(Double())
+
+    __table_args__ = (Index("ix_ptb_sessions_jobs_next_run_at", "next_run_at"),)
