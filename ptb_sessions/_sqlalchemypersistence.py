@@ -24,6 +24,7 @@ from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
 
 if TYPE_CHECKING:
+    from ptb_sessions._jobs import StoredJobs
     from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
 
 __all__ = ["SQLAlchemyPersistence"]
@@ -105,6 +106,10 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         clock: Seconds since the epoch; injected in tests.
         max_value_size: The largest encoded value in bytes (default 1 MiB); larger ones are
             rejected with :class:`~ptb_sessions.SerializationError`. :obj:`None`: no limit.
+        store_jobs: Store the application's :class:`~telegram.ext.JobQueue` jobs in the same
+            database and restore them in :meth:`~telegram.ext.Application.initialize`, before
+            ``post_init`` (needs ``ptb-sessions[jobs]``). See the README, "Jobs that survive
+            restarts".
     """
 
     __slots__ = (
@@ -114,9 +119,11 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         "_callback_state",
         "_chats",
         "_conversations",
+        "_jobs",
         "_migration_lock",
         "_migrations",
         "_pending",
+        "_store_jobs",
         "_ttl",
         "_users",
         "_write_lock",
@@ -144,6 +151,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         context_types: ContextTypes[Any, UD, CD, BD] | None = None,
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        store_jobs: bool = False,
     ) -> None:
         super().__init__(store_data=store_data, update_interval=update_interval)
         if max_cached is not None:
@@ -174,6 +182,8 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             asyncio.Task[tuple[dict[tuple[str, str], StorageError], StorageError | None]] | None
         ) = None
         self._app: Application[Any, Any, Any, Any, Any, Any] | None = None
+        self._store_jobs = store_jobs
+        self._jobs: StoredJobs | None = None
 
     def __repr__(self) -> str:
         return (
@@ -237,6 +247,31 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 "effect until persistence.bind_application(application) is called"
             )
 
+    async def _attach_jobs(self) -> None:
+        """With ``store_jobs``: restore the stored jobs into the application's job queue, from
+        :meth:`~telegram.ext.Application.initialize` (before ``post_init``)."""
+        if not self._store_jobs:
+            return
+        if self._app is None:
+            raise RuntimeError(
+                "SQLAlchemyPersistence(store_jobs=True) could not find its Application; call "
+                "persistence.bind_application(application) before initialize()"
+            )
+        if self._app.job_queue is None:
+            raise RuntimeError(
+                "SQLAlchemyPersistence(store_jobs=True) needs the application's JobQueue, and "
+                "this application has none: install it with `pip install "
+                "'ptb-sessions[jobs]'` (or 'python-telegram-bot[job-queue]') and do not build "
+                "the application with .job_queue(None)"
+            )
+        if self._jobs is None:
+            # Imported here, not at the top: APScheduler is the optional extra
+            # ptb-sessions[jobs], present whenever the application has a JobQueue.
+            from ptb_sessions._jobs import StoredJobs
+
+            self._jobs = StoredJobs(self.database, self.codec, self.max_value_size, self.clock)
+        await self._jobs.attach(self._app)
+
     def _expires_at(self) -> float | None:
         return None if self._ttl is None else self.clock() + self._ttl
 
@@ -277,6 +312,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
 
     async def _load_all(self, kind: _Kind) -> dict[int, Any]:
         self._find_application()
+        await self._attach_jobs()
         if self.lazy:
             return {}
         result: dict[int, Any] = {}
@@ -403,6 +439,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     async def get_bot_data(self) -> BD:
         """Called once by :meth:`telegram.ext.Application.initialize`."""
         self._find_application()
+        await self._attach_jobs()
         record = await self.database.get("bot_data", _BOT_KEY)
         if record is None:
             self._bot_state = (None, None)
@@ -682,7 +719,11 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                         f"{len(self._pending)} writes could not be written at flush(): {error}"
                     ) from error
         finally:
-            await self.database.dispose()
+            try:
+                if self._jobs is not None:
+                    await self._jobs.close()
+            finally:
+                await self.database.dispose()
 
     async def purge_expired(self) -> int:
         """Delete every expired row of every namespace (one indexed statement).
