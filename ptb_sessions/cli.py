@@ -11,6 +11,7 @@ a ``PicklePersistence`` over, and run the pizza demo.
     ptb-sessions [--url URL] export FILE.jsonl
     ptb-sessions [--url URL] import FILE.jsonl [--replace]
     ptb-sessions [--url URL] demo [--chats N] [--updates N] [--db PATH] [--token TOKEN]
+    ptb-sessions [--url URL] jobs [remove ID]
 
 The database URL is ``--url``, else the environment variable ``PTB_SESSIONS_URL``, else the
 SQLite file ``ptb_sessions.sqlite3`` in the current directory. Plain sync URLs
@@ -54,6 +55,8 @@ from ptb_sessions._cli_common import (
     sqlite_path,
     stdout_console,
 )
+from ptb_sessions._cli_jobs import COMMAND as JOBS_COMMAND
+from ptb_sessions._cli_jobs import add_jobs_parser, run_jobs
 from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
 from ptb_sessions._errors import PTBSessionsError
 from ptb_sessions._rows import decode_record
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"run the bot for real with this token (default: ${TOKEN_VARIABLE}); it polls "
         "Telegram until Ctrl+C",
     )
+    add_jobs_parser(commands)
     return parser
 
 
@@ -507,6 +511,7 @@ def _database_url(raw: str) -> URL:
 
 
 _COMMANDS: Final = {
+    JOBS_COMMAND: lambda url, args: run_jobs(url, args),
     "db": lambda url, args: _db(url, args),
     "stats": lambda url, args: _stats(url),
     "show": lambda url, args: _show(url, args),

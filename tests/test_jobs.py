@@ -25,6 +25,7 @@ from telegram.ext import Application, CallbackContext, ContextTypes
 
 from ptb_sessions import SerializationError, SQLAlchemyPersistence, StorageError
 from ptb_sessions._schema import StoredJob
+from ptb_sessions.cli import main as cli_main
 
 JOBS: Table = StoredJob.__table__  # type: ignore[assignment]
 #: What the job callbacks saw: (job name, data, chat_id, chat_data).
@@ -382,7 +383,11 @@ async def test_job_data_that_cannot_be_encoded_raises_when_scheduled(url: str) -
 
 
 async def test_a_stored_module_that_is_not_imported_is_never_imported_and_kept(
-    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     module = "ptbs_never_imported_module"
     (tmp_path / f"{module}.py").write_text(
@@ -411,6 +416,16 @@ async def test_a_stored_module_that_is_not_imported_is_never_imported_and_kept(
         for record in caplog.records
     )
     assert await rows(url) == before  # kept as it was, never deleted
+
+    # The command line lists it and removes it.
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, ["--url", url, "jobs"]) == 0
+    listing = capsys.readouterr().out
+    assert job_id in listing and "renamed" in listing and f"{module}:callback" in listing
+    assert await asyncio.to_thread(cli_main, ["--url", url, "jobs", "remove", job_id]) == 0
+    assert await rows(url) == {}
+    assert await asyncio.to_thread(cli_main, ["--url", url, "jobs", "remove", job_id]) == 1
+    assert "no stored job" in capsys.readouterr().err
 
 
 async def test_an_undecodable_row_fails_for_that_job_only_and_is_never_overwritten(
@@ -543,3 +558,30 @@ async def test_a_removed_row_stays_removed_when_another_process_ran_it(url: str)
     await eventually(gone, "the job to be taken over as removed")
     await stop(app)
     assert RUNS == []
+
+
+async def test_the_command_line_lists_every_stored_job(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = await start(make_app(url))
+    assert app.job_queue is not None
+    app.job_queue.run_repeating(tick, 90, name="every-90", chat_id=-100123, user_id=5)
+    app.job_queue.run_daily(tick, dtm.time(9, 30), name="[bold]daily\x1b[31m")
+    paused = app.job_queue.run_once(tick, 3600, name="paused")
+    paused.enabled = False
+    await stored(url, 3)
+
+    async def written() -> bool:
+        return not any(
+            row["name"] == "paused" and row["enabled"] for row in (await rows(url)).values()
+        )
+
+    await eventually(written, "the pause to be written")
+    await stop(app)
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, ["--url", url, "jobs"]) == 0
+    out = capsys.readouterr().out
+    assert "every 90s" in out and "-100123" in out and f"{__name__}:tick" in out
+    assert "hour=9 minute=30 second=0" in out
+    assert "[bold]daily\\x1b[31m" in out and "\x1b" not in out  # printed literally
+    assert "paused" in out and "3 stored jobs" in out
