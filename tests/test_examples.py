@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import subprocess
@@ -52,7 +53,15 @@ class Chat:
 
 
 def test_every_example_is_tested() -> None:
-    assert NAMES == ["keysbot", "lazybot", "multibot", "petsbot", "pizzabot", "timeoutbot"]
+    assert NAMES == [
+        "keysbot",
+        "lazybot",
+        "multibot",
+        "petsbot",
+        "pizzabot",
+        "reminderbot",
+        "timeoutbot",
+    ]
 
 
 async def test_pizzabot(session_storage: Maker) -> None:
@@ -209,3 +218,43 @@ def test_runs_as_a_script(name: str, tmp_path: Path) -> None:
 
 def teardown_module() -> None:
     assert _sessionlock.locked_keys() == 0
+
+
+async def test_reminderbot_timer_survives_a_restart(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import update
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from ptb_sessions._schema import StoredJob
+
+    reminderbot = load("reminderbot")
+    # The bot's module is imported before its jobs are restored, as when it runs as a script.
+    monkeypatch.setitem(sys.modules, reminderbot.__name__, reminderbot)
+    request = OfflineRequest()
+    app = reminderbot.build_application(builder(request), db_url)
+    async with app:
+        await app.start()
+        await process(app, message_update(5, "/set 30"), message_update(6, "/set 40"))
+        await process(app, message_update(6, "/unset"))
+        await app.stop()
+    assert request.texts(5) == ["Timer successfully set!"]
+    assert request.texts(6) == ["Timer successfully set!", "Timer successfully cancelled!"]
+
+    # While the bot is down, the 30 seconds pass.
+    engine = create_async_engine(db_url)
+    async with engine.begin() as connection:
+        await connection.execute(update(StoredJob).values(next_run_at=0.0))
+    await engine.dispose()
+
+    request = OfflineRequest()
+    restarted = reminderbot.build_application(builder(request), db_url)
+    async with restarted:
+        await restarted.start()
+        for _ in range(600):
+            if request.texts(5):
+                break
+            await asyncio.sleep(0.05)
+        await restarted.stop()
+    assert request.texts(5) == ["Beep! 30.0 seconds are over!"]
+    assert request.texts(6) == []
