@@ -54,7 +54,7 @@ _LOGGER = logging.getLogger(__name__)
 _TABLE: Table = cast(Table, StoredJob.__table__)
 _C = _TABLE.c
 #: How many rows go into one statement.
-_CHUNK: Final = 500
+_CHUNK: Final = 100
 #: How many due runs are claimed in one transaction.
 _CLAIMS_PER_TRANSACTION: Final = 200
 #: Seconds before a failed write or claim is tried again.
@@ -464,13 +464,15 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
     async def _write_pending(self) -> None:
         batch, self._pending = self._pending, {}
         ids = list(batch)
-        rows = [row.values() for row in batch.values() if row is not None]
+        rows = [row for row in batch.values() if row is not None]
         try:
             async with self.database.connect(f"Writing {len(batch)} job changes") as connection:
+                # In chunks, each built just before it is sent: the event loop runs between
+                # them, however many jobs were scheduled at once.
                 for chunk in _chunks(ids):
                     await connection.execute(delete(_TABLE).where(_C.id.in_(chunk)))
                 for chunk in _chunks(rows):
-                    await connection.execute(insert(_TABLE), list(chunk))
+                    await connection.execute(insert(_TABLE), [row.values() for row in chunk])
         except StorageError as exc:
             for job_id, row in batch.items():  # kept; newer changes win
                 self._pending.setdefault(job_id, row)
