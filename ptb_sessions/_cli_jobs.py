@@ -15,6 +15,8 @@ import argparse
 import datetime as dtm
 import json
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Final, cast
 
 from rich.console import Console
@@ -22,14 +24,40 @@ from rich.table import Table as RichTable
 from rich.text import Text
 from sqlalchemy import Table, delete, select
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ptb_sessions._cli_common import CLIError, open_database, require_head, stdout_console
 from ptb_sessions._schema import StoredJob
 
-__all__ = ["COMMAND", "add_jobs_parser", "run_jobs"]
+__all__ = [
+    "COMMAND",
+    "JOB_LINE_KEY",
+    "add_jobs_parser",
+    "export_job_lines",
+    "import_job_rows",
+    "is_job_line",
+    "read_job_lines",
+    "run_jobs",
+]
 
 #: The name of the command.
 COMMAND: Final = "jobs"
+#: In an ``export`` file, a stored job is the line ``{"job": {<its columns>}}``.
+JOB_LINE_KEY: Final = "job"
+_COLUMNS: Final = (
+    "id",
+    "name",
+    "callback",
+    "codec",
+    "data",
+    "chat_id",
+    "user_id",
+    "trigger",
+    "options",
+    "enabled",
+    "next_run_at",
+    "updated_at",
+)
 _TABLE = cast(Table, StoredJob.__table__)
 _C = _TABLE.c
 _TRIGGER_OPTIONS: Final = ("start_date", "end_date", "timezone", "jitter", "type")
@@ -137,3 +165,97 @@ async def run_jobs(url: URL, args: argparse.Namespace) -> int:
     if args.jobs_command == "remove":
         return await _remove(url, args.job_id)
     return await _list(url)
+
+
+# -- export and import ----------------------------------------------------------------------
+
+
+async def export_job_lines(connection: AsyncConnection) -> AsyncIterator[str]:
+    """The stored jobs as lines of an ``export`` file, ordered by id."""
+    result = await connection.stream(select(_TABLE).order_by(_C.id))
+    async for row in result:
+        values = {name: getattr(row, name) for name in _COLUMNS}
+        values["enabled"] = bool(values["enabled"])
+        for name in ("next_run_at", "updated_at"):
+            if values[name] is not None:
+                values[name] = float(values[name])
+        line = {JOB_LINE_KEY: values}
+        yield json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
+
+
+def is_job_line(obj: Any) -> bool:
+    """Whether a decoded line of an ``export`` file is a stored job."""
+    return isinstance(obj, dict) and set(obj) == {JOB_LINE_KEY}
+
+
+def _job_row(obj: Any) -> dict[str, Any]:
+    values = obj[JOB_LINE_KEY]
+    if not isinstance(values, dict) or set(values) != set(_COLUMNS):
+        raise ValueError(f"a job needs exactly the fields {', '.join(_COLUMNS)}")
+    for name in ("id", "callback", "codec", "trigger", "options"):
+        if not isinstance(values[name], str):
+            raise ValueError(f"the job's {name} must be a string")
+    for name in ("chat_id", "user_id"):
+        if values[name] is not None and type(values[name]) is not int:
+            raise ValueError(f"the job's {name} must be an integer or null")
+    if not isinstance(values["enabled"], bool):
+        raise ValueError("the job's enabled must be true or false")
+    for name in ("next_run_at", "updated_at"):
+        if values[name] is not None and type(values[name]) not in (int, float):
+            raise ValueError(f"the job's {name} must be a number")
+    json.loads(values["trigger"])
+    json.loads(values["options"])
+    return dict(values)
+
+
+def read_job_lines(path: Path) -> list[dict[str, Any]]:
+    """The stored jobs of the ``export`` file ``path``, checked.
+
+    Raises:
+        CLIError: A job line is not valid (naming the line), or a job id is there twice.
+    """
+    jobs: dict[str, tuple[int, dict[str, Any]]] = {}
+    with path.open("rb") as file:
+        for number, raw in enumerate(file, 1):
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue  # reported by the import of the data rows
+            if not is_job_line(obj):
+                continue
+            try:
+                row = _job_row(obj)
+            except (ValueError, TypeError) as exc:
+                raise CLIError(
+                    f"{path}:{number}: not a stored job ({exc}); nothing was imported"
+                ) from None
+            if row["id"] in jobs:
+                raise CLIError(
+                    f"{path}:{number}: the job {row['id']!r} is already on line "
+                    f"{jobs[row['id']][0]}; nothing was imported"
+                )
+            jobs[row["id"]] = (number, row)
+    return [row for _, row in jobs.values()]
+
+
+async def import_job_rows(
+    connection: AsyncConnection, rows: list[dict[str, Any]], *, replace: bool, url: str
+) -> int:
+    """Insert the stored jobs ``rows`` (from :func:`read_job_lines`). Returns their count.
+
+    Raises:
+        CLIError: A job with one of these ids is already stored, and not ``replace``.
+    """
+    for start in range(0, len(rows), 500):
+        chunk = rows[start : start + 500]
+        ids = [row["id"] for row in chunk]
+        taken = (await connection.execute(select(_C.id).where(_C.id.in_(ids)).limit(1))).first()
+        if taken is not None:
+            if not replace:
+                raise CLIError(
+                    f"the job {taken[0]!r} is already in {url}; nothing was imported (pass "
+                    "--replace to overwrite the jobs of the file)"
+                )
+            await connection.execute(delete(_TABLE).where(_C.id.in_(ids)))
+        await connection.execute(_TABLE.insert(), chunk)
+    return len(rows)

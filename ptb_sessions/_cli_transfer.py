@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from telegram.ext import ExtBot, PicklePersistence
 
 from ptb_sessions._cli_common import CLIError, progress_bar, require_head
+from ptb_sessions._cli_jobs import export_job_lines, import_job_rows, is_job_line, read_job_lines
 from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
 from ptb_sessions._errors import SerializationError
 from ptb_sessions._rows import encode_value
@@ -106,6 +107,9 @@ async def export_jsonl(database: Database, path: Path) -> int:
                             _write(file, _row_line(row), path)
                             count += 1
                             bar.advance(task)
+                        async for line in export_job_lines(connection):  # the stored jobs
+                            _write(file, line, path)
+                            count += 1
             except (SQLAlchemyError, OSError) as exc:
                 raise database.error(exc, "Exporting the rows") from exc
         try:
@@ -209,6 +213,8 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise CLIError(
                         f"{where}: not valid JSON ({detail}{column}); {hint}; nothing was imported"
                     ) from None
+                if is_job_line(obj):
+                    continue  # a stored job: see import_job_rows
                 try:
                     row = _validate(obj)
                 except ValueError as exc:
@@ -269,6 +275,7 @@ async def import_jsonl(database: Database, path: Path, *, replace: bool = False)
         ptb_sessions.StorageError: The database failed; nothing was written.
     """
     total = _check_file(path)
+    jobs = read_job_lines(path)
     with progress_bar() as bar:
         task = bar.add_task(f"Importing {path.name}", total=total)
         async with database.connect(f"Importing {path.name}") as connection:
@@ -284,6 +291,9 @@ async def import_jsonl(database: Database, path: Path, *, replace: bool = False)
             if chunk:
                 await _insert_chunk(connection, chunk, replace=replace, url=database.masked_url)
                 bar.advance(task, len(chunk))
+            total += await import_job_rows(
+                connection, jobs, replace=replace, url=database.masked_url
+            )
     return total
 
 

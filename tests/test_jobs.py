@@ -585,3 +585,37 @@ async def test_the_command_line_lists_every_stored_job(
     assert "hour=9 minute=30 second=0" in out
     assert "[bold]daily\\x1b[31m" in out and "\x1b" not in out  # printed literally
     assert "paused" in out and "3 stored jobs" in out
+
+
+async def test_export_and_import_include_the_stored_jobs(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = await start(make_app(url))
+    assert app.job_queue is not None
+    app.job_queue.run_repeating(tick, 90, name="exported", data={"é": [1]}, chat_id=-5)
+    app.job_queue.run_once(tick, 3600, name="paused").enabled = False
+    await stored(url, 2)
+    await app.persistence.update_chat_data(1, {"n": 1})  # type: ignore[union-attr]
+
+    async def written() -> bool:
+        return not any(
+            row["enabled"] for row in (await rows(url)).values() if row["name"] == "paused"
+        )
+
+    await eventually(written, "the pause to be written")
+    await stop(app)
+    before = await rows(url)
+    backup = tmp_path / "backup.jsonl"
+    assert await asyncio.to_thread(cli_main, ["--url", url, "export", str(backup)]) == 0
+    assert sum('"job":' in line for line in backup.read_text().splitlines()) == 2
+
+    await change_rows(url, delete(JOBS))
+    assert await asyncio.to_thread(cli_main, ["--url", url, "import", str(backup)]) == 1
+    assert "already in" in capsys.readouterr().err  # the chat_data row is still there
+    assert await rows(url) == {}  # nothing was imported
+    assert (
+        await asyncio.to_thread(cli_main, ["--url", url, "import", "--replace", str(backup)]) == 0
+    )
+    assert await rows(url) == before
+    assert await asyncio.to_thread(cli_main, ["--url", url, "import", str(backup)]) == 1
+    assert "already in" in capsys.readouterr().err
