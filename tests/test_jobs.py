@@ -619,3 +619,33 @@ async def test_export_and_import_include_the_stored_jobs(
     assert await rows(url) == before
     assert await asyncio.to_thread(cli_main, ["--url", url, "import", str(backup)]) == 1
     assert "already in" in capsys.readouterr().err
+
+
+async def test_job_changes_during_an_outage_never_block_and_are_written_when_it_ends(
+    db_url: str,
+) -> None:
+    from test_persistence import Outage
+
+    outage = Outage(db_url)
+    try:
+        app = await start(make_app(outage.bot_url))
+        assert app.job_queue is not None
+        kept = app.job_queue.run_repeating(tick, 600, name="kept")
+        removed = app.job_queue.run_repeating(tick, 600, name="removed")
+        await stored(db_url, 2)
+        outage.cut()
+        added = app.job_queue.run_once(tick, 3600, name="added")  # returns at once
+        removed.schedule_removal()
+        kept.enabled = False
+        await asyncio.sleep(1.5)  # the writer fails meanwhile; the bot runs on
+        assert {row["name"] for row in (await rows(db_url)).values()} == {"kept", "removed"}
+        outage.restore()
+
+        async def written() -> bool:
+            found = {row["id"]: row for row in (await rows(db_url)).values()}
+            return set(found) == {kept.id, added.id} and not found[kept.id]["enabled"]
+
+        await eventually(written, "the changes to be written after the outage")
+        await stop(app)
+    finally:
+        outage.close()
