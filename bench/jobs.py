@@ -33,6 +33,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import contextlib
+
 import _offline
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
@@ -100,10 +102,8 @@ class Heartbeat:
     async def stop(self) -> float:
         assert self._task is not None
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         return self.worst
 
 

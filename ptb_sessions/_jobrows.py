@@ -63,10 +63,6 @@ class JobRow:
         """The row as column values."""
         return {name: getattr(self, name) for name in self.__slots__}
 
-    def options_dict(self) -> dict[str, Any]:
-        """The APScheduler options of the job."""
-        return dict(json.loads(self.options))
-
 
 def _where(job_name: str | None, job_id: str) -> str:
     return f"job {job_name!r} (id {job_id!r})"

@@ -121,6 +121,7 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         "_heap",
         "_jobs",
         "_pending",
+        "_references",
         "_restored",
         "_retry_at",
         "_sequence",
@@ -167,6 +168,8 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         self._catch_up: dict[str, int | None] = {}
         #: Catch-up jobs whose catch-up run was claimed: their next claim restores the limit.
         self._caught_up: set[str] = set()
+        #: The import references of the callbacks seen so far (checked once each).
+        self._references: dict[Callable[..., Any], str] = {}
         self._syncing = False
         self._stopping = False
         self._retry_at = 0.0
@@ -175,11 +178,13 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
 
     # -- restoring ------------------------------------------------------------------------
 
-    def restore(self, row: JobRow, job_queue: JobQueue[Any], now: dtm.datetime) -> None:
+    def restore(
+        self, row: JobRow, job_queue: JobQueue[Any], now: dtm.datetime, cache: _RestoreCache
+    ) -> None:
         """Put the stored job ``row`` back (before the scheduler starts); a row that cannot be
         restored is logged with the job's name and kept as it is."""
         try:
-            job = self._job_of(row, job_queue, now)
+            job = self._job_of(row, job_queue, now, cache)
         except Exception as exc:
             self._broken[row.id] = str(exc)
             _LOGGER.error(
@@ -197,8 +202,10 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         self._restored.setdefault((row.name, row.callback), []).append(job.id)
         self._schedule(job)
 
-    def _job_of(self, row: JobRow, job_queue: JobQueue[Any], now: dtm.datetime) -> APSJob:
-        callback = resolve_callback(row.callback)
+    def _job_of(
+        self, row: JobRow, job_queue: JobQueue[Any], now: dtm.datetime, cache: _RestoreCache
+    ) -> APSJob:
+        callback = cache.callback(row.callback)
         if callback is None:
             raise LookupError(
                 f"its callback {row.callback} is not an async function of a module the bot "
@@ -206,8 +213,8 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
                 "stored row names it)"
             )
         data = decode_data(self.codec, row)
-        trigger = decode_trigger(row.trigger)
-        options = row.options_dict()
+        trigger = cache.trigger(row.trigger)
+        options = cache.options(row.options)
         next_run = from_timestamp(row.next_run_at, job_queue.scheduler.timezone)
         grace = options["misfire_grace_time"]
         if next_run is not None and next_run < now and grace == DEFAULT_MISFIRE_GRACE_TIME:
@@ -255,7 +262,10 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
                 "stored",
                 root=f"job {job.name!r}",
             )
-        callback = callback_reference(ptb_job.callback, ptb_job.name, job.id)
+        callback = self._references.get(ptb_job.callback)
+        if callback is None:
+            callback = callback_reference(ptb_job.callback, ptb_job.name, job.id)
+            self._references[ptb_job.callback] = callback
         codec, data = encode_data(
             self.codec, ptb_job.data, ptb_job.name, job.id, self.max_value_size
         )
@@ -601,6 +611,33 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
             )
 
 
+class _RestoreCache:
+    """What many stored jobs share, decoded once per restore: callbacks (looked up when the
+    restore starts), triggers (stateless, so one object can serve several jobs) and options."""
+
+    __slots__ = ("_callbacks", "_options", "_triggers")
+
+    def __init__(self) -> None:
+        self._callbacks: dict[str, Callable[..., Any] | None] = {}
+        self._triggers: dict[str, Any] = {}
+        self._options: dict[str, dict[str, Any]] = {}
+
+    def callback(self, reference: str) -> Callable[..., Any] | None:
+        if reference not in self._callbacks:
+            self._callbacks[reference] = resolve_callback(reference)
+        return self._callbacks[reference]
+
+    def trigger(self, text: str) -> Any:
+        if text not in self._triggers:
+            self._triggers[text] = decode_trigger(text)
+        return self._triggers[text]
+
+    def options(self, text: str) -> dict[str, Any]:
+        if text not in self._options:
+            self._options[text] = dict(json.loads(text))
+        return self._options[text]
+
+
 class _Gone:
     """The stored row of a job no longer exists."""
 
@@ -664,8 +701,9 @@ class StoredJobs:
             application, self.database, self.codec, self.max_value_size, self.clock
         )
         now = dtm.datetime.now(dtm.timezone.utc)
+        cache = _RestoreCache()
         for row in rows:
-            store.restore(row, job_queue, now)
+            store.restore(row, job_queue, now, cache)
         try:
             scheduler.add_jobstore(store, "default")
         except ValueError as exc:
