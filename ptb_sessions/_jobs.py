@@ -123,6 +123,7 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         "_pending",
         "_references",
         "_restored",
+        "_restored_keys",
         "_retry_at",
         "_sequence",
         "_stopping",
@@ -162,6 +163,7 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         self._sequence = itertools.count()
         #: Restored jobs that a job made before the application starts may replace.
         self._restored: dict[tuple[str | None, str], list[str]] = {}
+        self._restored_keys: dict[str, tuple[str | None, str]] = {}
         #: Rows that could not be restored: id -> why. Kept, never run, never overwritten.
         self._broken: dict[str, str] = {}
         #: Restored overdue jobs run without a misfire limit once: id -> the limit after it.
@@ -200,6 +202,7 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         self._jobs[job.id] = job
         self._stored_next[job.id] = row.next_run_at
         self._restored.setdefault((row.name, row.callback), []).append(job.id)
+        self._restored_keys[job.id] = (row.name, row.callback)
         self._schedule(job)
 
     def _job_of(
@@ -368,6 +371,7 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         candidates = self._restored.get((row.name, row.callback))
         while candidates:
             old_id = candidates.pop(0)
+            self._restored_keys.pop(old_id, None)
             if old_id in self._jobs:
                 _LOGGER.info(
                     "The job %r (id %r) replaces the restored job of the same name and "
@@ -379,6 +383,11 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
                 self._forget(old_id)
                 self._write_later(old_id, None)
                 return
+
+    def _no_longer_restored(self, job_id: str) -> None:
+        key = self._restored_keys.pop(job_id, None)
+        if key is not None and job_id in self._restored.get(key, ()):
+            self._restored[key].remove(job_id)
 
     def update_job(self, job: APSJob) -> None:
         self._refuse_broken(job.id)
@@ -393,10 +402,10 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         if claimed is not _UNCLAIMED and to_timestamp(job.next_run_time) == claimed:
             self._schedule(job)  # the claim already stored this next run time
             return
+        if job.misfire_grace_time is not None:  # the job's own limit, set since its restore
+            self._catch_up.pop(job.id, None)
         row = self._row(job)
-        for candidates in self._restored.values():
-            if job.id in candidates:
-                candidates.remove(job.id)
+        self._no_longer_restored(job.id)  # replaced (replace_existing) or changed
         self._write_later(job.id, row)
         self._schedule(job)
 
@@ -510,6 +519,9 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         return due
 
     async def _claim_due(self) -> None:
+        if self._restored:  # running: jobs made from now on never replace restored ones
+            self._restored.clear()
+            self._restored_keys.clear()
         now = dtm.datetime.now(dtm.timezone.utc)
         due = self._due_now(now.timestamp())
         if not due:
