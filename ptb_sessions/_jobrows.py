@@ -197,7 +197,11 @@ def encode_trigger(trigger: BaseTrigger, job_name: str | None, job_id: str) -> s
     where = f"{_where(job_name, job_id)}.trigger"
     fields: dict[str, Any]
     if isinstance(trigger, DateTrigger):
-        fields = {"type": "date", "run_date": _iso(trigger.run_date)}
+        fields = {
+            "type": "date",
+            "run_date": _iso(trigger.run_date),
+            "timezone": _tz_name(trigger.run_date.tzinfo, where),
+        }
     elif isinstance(trigger, IntervalTrigger):
         fields = {
             "type": "interval",
@@ -234,9 +238,9 @@ def decode_trigger(text: str) -> BaseTrigger:
     """
     fields = json.loads(text)
     kind = fields.pop("type")
-    if kind == "date":
-        return DateTrigger(run_date=dtm.datetime.fromisoformat(fields["run_date"]))
     tz = _tz(fields.pop("timezone"))
+    if kind == "date":
+        return DateTrigger(run_date=_moment(fields["run_date"], tz))
     start = _moment(fields.pop("start_date"), tz)
     end = _moment(fields.pop("end_date"), tz)
     jitter = fields.pop("jitter")

@@ -11,6 +11,7 @@ import logging
 import socket
 import sys
 import threading
+import zoneinfo
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,9 @@ async def test_every_kind_of_job_is_one_readable_row_and_restored_as_it_was(url:
     queue.run_once(tick, 3600, data={"a": [1, 2]}, name="once", chat_id=42, user_id=7)
     queue.run_repeating(tick, 60, first=600, name="repeating", data=dtm.date(2024, 1, 2))
     queue.run_daily(tick, dtm.time(9, 30), days=(1, 3), name="daily")
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    queue.run_daily(tick, dtm.time(7, 15, tzinfo=berlin), name="berlin")
+    queue.run_once(tick, dtm.datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=berlin), name="date")
     queue.run_monthly(Reminders.static, dtm.time(8, 0), day=-1, name="monthly")
     queue.run_custom(
         Reminders.of_class,
@@ -160,7 +164,7 @@ async def test_every_kind_of_job_is_one_readable_row_and_restored_as_it_was(url:
         name="custom",
     )
     before = {job.name: job for job in queue.jobs()}
-    found = await stored(url, 5)
+    found = await stored(url, 7)
     by_name = {row["name"]: row for row in found.values()}
     once = by_name["once"]
     assert once["callback"] == f"{__name__}:tick"
@@ -199,8 +203,10 @@ async def test_every_kind_of_job_is_one_readable_row_and_restored_as_it_was(url:
         assert str(restored.job.trigger) == str(job.job.trigger)
         for option in ("misfire_grace_time", "coalesce", "max_instances"):
             assert getattr(restored.job, option) == getattr(job.job, option)
+    assert json.loads(by_name["berlin"]["trigger"])["timezone"] == "Europe/Berlin"
+    assert after["berlin"].job.trigger.timezone == berlin
     await stop(again)
-    assert len(await rows(url)) == 5
+    assert len(await rows(url)) == 7
 
 
 # -- 2. runs: context, catch-up, misfires, the end of a run_once ---------------------------
