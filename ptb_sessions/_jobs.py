@@ -528,13 +528,23 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
             return
         for job in due:
             self._end_catch_up(job)
+        # What each claim moves the stored next run time from and to, fixed before the
+        # first await: the jobs may change or go while the claims are on their way.
+        claims = [
+            (
+                job,
+                to_timestamp(job.next_run_time),
+                self._stored_next[job.id],
+                to_timestamp(_next_fire_after(job, now)),
+            )
+            for job in due
+        ]
         won: dict[str, float | None] = {}
         lost: dict[str, float | _Gone | None] = {}
         try:
             async with self.database.connect(f"Claiming {len(due)} due job runs") as connection:
-                for job in due:
-                    after = to_timestamp(_next_fire_after(job, now))
-                    if await self._claim(connection, job.id, after):
+                for job, _, before, after in claims:
+                    if await self._claim(connection, job.id, before, after):
                         won[job.id] = after
                     else:
                         lost[job.id] = await self._stored_next_run(connection, job.id)
@@ -544,17 +554,22 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
             for job in due:
                 self._schedule(job)
             return
-        for job_id, after in won.items():
-            self._claimed[job_id] = after
-            self._stored_next[job_id] = after
-        for job_id, stored in lost.items():
-            self._take_over(job_id, stored)
+        for claimed_job, due_at, _, after in claims:
+            job_id, next_at = claimed_job.id, to_timestamp(claimed_job.next_run_time)
+            if self._jobs.get(job_id) is not claimed_job or next_at != due_at:
+                continue  # changed meanwhile: its own write decides, not this claim
+            if job_id in won:
+                self._claimed[job_id] = after
+                self._stored_next[job_id] = after
+            else:
+                self._take_over(job_id, lost[job_id])
         if won:
             self._scheduler.wakeup()
         self._wake.set()
 
-    async def _claim(self, connection: Any, job_id: str, after: float | None) -> bool:
-        before = self._stored_next[job_id]
+    async def _claim(
+        self, connection: Any, job_id: str, before: float | None, after: float | None
+    ) -> bool:
         claimed = _C.id == job_id
         claimed &= _C.next_run_at.is_(None) if before is None else _C.next_run_at == before
         if after is None:  # the last run: the job ends with it

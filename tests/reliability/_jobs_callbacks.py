@@ -7,22 +7,25 @@ import os
 from typing import Any
 
 
-async def record_run(context: Any) -> None:
-    """Append ``<scheduled run time> <pid>`` to the file named by the job's data.
-
-    The scheduler has already moved the job on when its callback runs: the run's own time is
-    the previous fire time, or the job's last ``next_t`` if this was its last run (the job is
-    then gone from the scheduler)."""
-    job = context.job
-    interval = float(job.data["interval"])
-    last_run = context.job_queue.scheduler.get_job(job.id) is None
-    scheduled = job.next_t.timestamp() if last_run else job.next_t.timestamp() - interval
-    _append(job.data["file"], f"{scheduled:.3f} {os.getpid()}\n")
-
-
 def _append(path: str, line: str) -> None:
-    with open(path, "a", encoding="utf-8") as runs:  # one small O_APPEND write per run
+    with open(path, "a", encoding="utf-8") as runs:  # one small O_APPEND write per line
         runs.write(line)
+
+
+async def record_run(context: Any) -> None:
+    """Append ``ran <pid>`` to the file named by the job's data."""
+    _append(context.job.data["file"], f"ran {os.getpid()}\n")
+
+
+def record_submissions(path: str) -> Any:
+    """An APScheduler listener of ``EVENT_JOB_SUBMITTED`` that appends ``submitted <scheduled
+    run time> <pid>`` to ``path`` for each run time the scheduler of this process submitted."""
+
+    def listener(event: Any) -> None:
+        for moment in event.scheduled_run_times:
+            _append(path, f"submitted {moment.timestamp():.3f} {os.getpid()}\n")
+
+    return listener
 
 
 async def idle(context: Any) -> None:

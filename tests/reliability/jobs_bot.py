@@ -2,10 +2,11 @@
 ``SQLAlchemyPersistence(store_jobs=True)``.
 
 Usage:
-    python jobs_bot.py run URL READY_FILE GO_FILE UNTIL_FILE
+    python jobs_bot.py run URL READY_FILE GO_FILE UNTIL_FILE RUNS_FILE
         create READY_FILE (everything is imported), wait for GO_FILE, initialize (restoring
         the stored jobs) and start, run the jobs until the time (``time.time()``) written in
-        UNTIL_FILE, stop and shut down.
+        UNTIL_FILE, stop and shut down; the run times its scheduler submitted go to
+        RUNS_FILE.
     python jobs_bot.py churn URL
         start, then schedule a new job every 20 ms and print ``stored ID`` (flushed) for each
         job once its row is in the database, until killed.
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from _bot import builder
-from _jobs_callbacks import idle, record_run  # noqa: F401  (the stored jobs' callbacks)
+from _jobs_callbacks import idle, record_run, record_submissions  # noqa: F401
+from apscheduler.events import EVENT_JOB_SUBMITTED
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -45,8 +47,9 @@ def barrier(ready: Path, go: Path, until_file: Path) -> float:
     return float(until_file.read_text())
 
 
-async def run(url: str, until: float) -> None:
+async def run(url: str, until: float, runs_file: str) -> None:
     app = application(url)
+    app.job_queue.scheduler.add_listener(record_submissions(runs_file), EVENT_JOB_SUBMITTED)
     await app.initialize()
     await app.start()
     await asyncio.sleep(max(until - time.time(), 0))
@@ -75,6 +78,6 @@ async def churn(url: str) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "run":
         stop_at = barrier(Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5]))
-        asyncio.run(run(sys.argv[2], stop_at))
+        asyncio.run(run(sys.argv[2], stop_at, sys.argv[6]))
     else:
         asyncio.run(churn(sys.argv[2]))
