@@ -558,7 +558,12 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         data_version: float | None = None,
     ) -> None:
         check_key(namespace, key)
-        if state == (None, None) and isinstance(value, Mapping) and not value:
+        if (
+            state == (None, None)
+            and isinstance(value, Mapping)
+            and not value
+            and not getattr(value, "__dict__", None)  # a dict subclass's attributes are data
+        ):
             return  # nothing stored and nothing to store
         codec, encoded = encode_value(
             self.codec, value, f"{namespace}[{key}]", self.max_value_size

@@ -14,8 +14,6 @@ from typing import Any, NamedTuple
 
 from hypothesis import strategies as st
 
-from ptb_sessions import JSONCodec
-
 
 def same(a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` are equal and of the same types all the way down, dicts in the
@@ -121,7 +119,6 @@ class Ticket:
 
 
 OWN_TYPES = [Color, Mood, Perm, Shape, Point, Box, Pair, Bag, Stack, Ticket]
-OWN = JSONCodec(types=OWN_TYPES)
 
 
 def _bag(items: dict[Any, Any], note: Any) -> Bag:

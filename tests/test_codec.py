@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from _values import (
-    OWN,
+    OWN_TYPES,
     Bag,
     Box,
     Color,
@@ -436,10 +436,11 @@ def test_decode_of_random_data_returns_or_raises_value_error(data: str | bytes) 
 @settings(max_examples=300, deadline=None)
 @given(own_values)
 def test_own_types_round_trip_exactly_nested_in_every_type(value: Any) -> None:
-    encoded = OWN.encode(value)
+    codec = JSONCodec(types=OWN_TYPES)
+    encoded = codec.encode(value)
     strict_json(encoded)
-    assert same(OWN.decode(encoded), value)
-    assert OWN.encode(OWN.decode(encoded)) == encoded
+    assert same(codec.decode(encoded), value)
+    assert codec.encode(codec.decode(encoded)) == encoded
 
 
 @dataclasses.dataclass
