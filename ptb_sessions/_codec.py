@@ -409,13 +409,6 @@ _DECODERS: Final[dict[str, Callable[[Any], Any]]] = {
 _RESERVED: Final = frozenset((*_DECODERS, *_FACTORIES))
 
 
-def _decoded(tag: str, decode: Callable[[Any], Any], payload: Any) -> Any:
-    try:
-        return decode(payload)
-    except Exception as exc:  # anything the data makes a constructor raise
-        raise ValueError(f"malformed {tag!r} value {payload!r}: {exc}") from exc
-
-
 def _as_text(data: object) -> str:
     if isinstance(data, str):
         return data
@@ -582,26 +575,33 @@ class JSONCodec:
         if _TAG not in obj:
             return obj
         tag = obj[_TAG]
-        if type(tag) is not str or "v" not in obj:
+        decoder = self._decoders.get(tag) if type(tag) is str else None
+        if decoder is not None and len(obj) == 2 and "v" in obj:
+            try:
+                return decoder(obj["v"])
+            except Exception as exc:  # anything the data makes a constructor raise
+                raise ValueError(f"malformed {tag!r} value {obj['v']!r}: {exc}") from exc
+        return self._untag_registered(obj, tag)
+
+    def _untag_registered(self, obj: dict[str, Any], tag: Any) -> Any:
+        registered = self._registry.by_name.get(tag) if type(tag) is str else None
+        attrs = obj.get(_ATTRS)
+        if (
+            registered is None
+            or "v" not in obj
+            or len(obj) != (2 if attrs is None else 3)
+            or not (attrs is None or type(attrs) is dict)
+        ):
+            if type(tag) is str and tag not in self._decoders and "v" in obj:
+                raise ValueError(
+                    f"the stored type {tag!r} is not registered: register its class with "
+                    "JSONCodec(types=[...]) to decode it"
+                )
             raise ValueError(f"malformed tagged object {obj!r}")
-        payload = obj["v"]
-        decoder = self._decoders.get(tag)
-        if decoder is not None and len(obj) == 2:
-            return _decoded(tag, decoder, payload)
-        registered = self._registry.by_name.get(tag)
-        if registered is not None:
-            attrs = obj.get(_ATTRS)
-            if len(obj) != (2 if attrs is None else 3) or not (
-                attrs is None or type(attrs) is dict
-            ):
-                raise ValueError(f"malformed tagged object {obj!r}")
-            return _decoded(tag, partial(registered.restore, attrs=attrs), payload)
-        if decoder is None:
-            raise ValueError(
-                f"the stored type {tag!r} is not registered: register its class with "
-                "JSONCodec(types=[...]) to decode it"
-            )
-        raise ValueError(f"malformed tagged object {obj!r}")
+        try:
+            return registered.restore(obj["v"], attrs)
+        except Exception as exc:  # anything the data makes the class raise
+            raise ValueError(f"malformed {tag!r} value {obj['v']!r}: {exc}") from exc
 
     def _decode_telegram(self, cls: type[TelegramObject], payload: Any) -> TelegramObject:
         return cls.de_json(_payload(payload, dict), self._bot)
