@@ -592,7 +592,7 @@ class JSONCodec:
             or len(obj) != (2 if attrs is None else 3)
             or not (attrs is None or type(attrs) is dict)
         ):
-            if type(tag) is str and tag not in self._decoders and "v" in obj:
+            if registered is None and type(tag) is str and tag not in self._decoders:
                 raise ValueError(
                     f"the stored type {tag!r} is not registered: register its class with "
                     "JSONCodec(types=[...]) to decode it"
