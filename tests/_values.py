@@ -9,7 +9,7 @@ import datetime as dtm
 import math
 from collections import Counter, OrderedDict, defaultdict, deque
 from decimal import Decimal
-from enum import Enum, Flag, IntEnum, StrEnum
+from enum import Enum, Flag, IntEnum
 from typing import Any, NamedTuple
 
 from hypothesis import strategies as st
@@ -63,7 +63,7 @@ class Color(IntEnum):
     GREEN = 2
 
 
-class Mood(StrEnum):
+class Mood(str, Enum):  # a StrEnum, as Python 3.10 can have it
     HAPPY = "happy"
     GRUMPY = "grumpy"
 

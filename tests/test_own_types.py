@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -486,41 +488,48 @@ class Trap:
         Trap.calls.append("init")
 
 
-HOSTILE = {
-    "1": '{"$t":"os.system","v":"echo pwned"}',
-    "2": '{"x":{"$t":"subprocess.Popen","v":{"args":["touch","/tmp/pwned"]}}}',
-    "3": '{"$t":"test_own_types.Trap","v":{}}',
-    "4": '{"$t":"defaultdict","v":{"factory":"test_own_types.Trap","items":{}}}',
-    "5": '{"$t":"builtins.eval","v":"__import__(\'os\')"}',
-}
+def hostile_rows(marker: Path) -> dict[str, str]:
+    """Rows that would create ``marker`` (or construct :class:`Trap`) if any name in them were
+    looked up."""
+    return {
+        "1": json.dumps({"$t": "os.system", "v": f"touch {marker}"}),
+        "2": json.dumps({"x": {"$t": "subprocess.Popen", "v": {"args": ["touch", str(marker)]}}}),
+        "3": '{"$t":"test_own_types.Trap","v":{}}',
+        "4": '{"$t":"defaultdict","v":{"factory":"test_own_types.Trap","items":{}}}',
+        "5": json.dumps({"$t": "builtins.eval", "v": f"open({str(marker)!r}, 'w')"}),
+        "6": '{"$t":"pathlib.Path.touch","v":[]}',
+    }
 
 
-async def test_rows_naming_unregistered_classes_run_nothing(db_url: str) -> None:
+async def test_rows_naming_unregistered_classes_run_nothing(db_url: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    hostile = hostile_rows(marker)
     writer: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(db_url)
     await writer.get_chat_data()
-    for key in (*HOSTILE, "6"):
+    for key in (*hostile, "7"):
         await writer.update_chat_data(int(key), {"n": int(key)})
     await writer.flush()
-    for key, data in HOSTILE.items():
+    for key, data in hostile.items():
         await overwrite_row(db_url, "chat_data", key, data)
     Trap.calls.clear()
 
     persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(db_url, lazy=True)
     try:
         await persistence.get_chat_data()
-        for key in HOSTILE:
+        for key in hostile:
             with pytest.raises(StorageError) as info:
                 await persistence.refresh_chat_data(int(key), {})
             assert f"chat_data['{key}']" in str(info.value)
             assert "is not registered" in str(info.value)
         loaded: dict[str, Any] = {}
-        await persistence.refresh_chat_data(6, loaded)
-        assert loaded == {"n": 6}, "the other chats load"
+        await persistence.refresh_chat_data(7, loaded)
+        assert loaded == {"n": 7}, "the other chats load"
     finally:
         await persistence.flush()
     assert Trap.calls == []
+    assert not marker.exists()
     rows = await stored_rows(db_url, "chat_data")
-    assert {key: rows[key] for key in HOSTILE} == HOSTILE, "the rows are left as they were"
+    assert {key: rows[key] for key in hostile} == hostile, "the rows are left as they were"
 
 
 # -- PTB's own examples, with an SQLAlchemyPersistence added to their builder ---------------------
