@@ -406,7 +406,7 @@ _DECODERS: Final[dict[str, Callable[[Any], Any]]] = {
     "deque": _decode_deque,
 }
 #: Names a registered class cannot have: they are the codec's own.
-_RESERVED: Final = frozenset((*_DECODERS, *_FACTORIES))
+_RESERVED: Final = frozenset((*_DECODERS, *_FACTORIES, "defaultdict"))
 
 
 def _as_text(data: object) -> str:
@@ -492,7 +492,7 @@ class JSONCodec:
             the codec's own tags.
     """
 
-    __slots__ = ("_bot", "_decoders", "_registry")
+    __slots__ = ("_bot", "_registry")
 
     name: Final = "json"
 
@@ -500,11 +500,6 @@ class JSONCodec:
         self._registry = TypeRegistry(reserved=_RESERVED)
         self._registry.add(types)
         self._bot: Bot | None = None
-        self._decoders: dict[str, Callable[[Any], Any]] = {
-            **_DECODERS,
-            "defaultdict": self._decode_defaultdict,
-            **{name: partial(self._decode_telegram, cls) for name, cls in TELEGRAM_TYPES.items()},
-        }
 
     @property
     def types(self) -> Mapping[str, type]:
@@ -575,33 +570,37 @@ class JSONCodec:
         if _TAG not in obj:
             return obj
         tag = obj[_TAG]
-        decoder = self._decoders.get(tag) if type(tag) is str else None
-        if decoder is not None and len(obj) == 2 and "v" in obj:
-            try:
-                return decoder(obj["v"])
-            except Exception as exc:  # anything the data makes a constructor raise
-                raise ValueError(f"malformed {tag!r} value {obj['v']!r}: {exc}") from exc
-        return self._untag_registered(obj, tag)
-
-    def _untag_registered(self, obj: dict[str, Any], tag: Any) -> Any:
-        registered = self._registry.by_name.get(tag) if type(tag) is str else None
-        attrs = obj.get(_ATTRS)
-        if (
-            registered is None
-            or "v" not in obj
-            or len(obj) != (2 if attrs is None else 3)
-            or not (attrs is None or type(attrs) is dict)
-        ):
-            if registered is None and type(tag) is str and tag not in self._decoders:
-                raise ValueError(
-                    f"the stored type {tag!r} is not registered: register its class with "
-                    "JSONCodec(types=[...]) to decode it"
-                )
-            raise ValueError(f"malformed tagged object {obj!r}")
+        decoder = _DECODERS.get(tag) if type(tag) is str else None
+        if decoder is None or len(obj) != 2 or "v" not in obj:
+            decoder = self._decoder_of(obj, tag)
         try:
-            return registered.restore(obj["v"], attrs)
-        except Exception as exc:  # anything the data makes the class raise
+            return decoder(obj["v"])
+        except Exception as exc:  # anything the data makes a constructor raise
             raise ValueError(f"malformed {tag!r} value {obj['v']!r}: {exc}") from exc
+
+    def _decoder_of(self, obj: dict[str, Any], tag: Any) -> Callable[[Any], Any]:
+        """How to decode the payload of a tagged object that is not a built-in type: a
+        registered class, a defaultdict, a TelegramObject."""
+        if type(tag) is not str or "v" not in obj:
+            raise ValueError(f"malformed tagged object {obj!r}")
+        registered = self._registry.by_name.get(tag)
+        attrs = obj.get(_ATTRS)
+        if registered is not None and len(obj) == 3 and type(attrs) is dict:
+            return partial(registered.restore, attrs=attrs)
+        if len(obj) == 2:
+            if registered is not None:
+                return partial(registered.restore, attrs=None)
+            if tag == "defaultdict":
+                return self._decode_defaultdict
+            telegram_class = TELEGRAM_TYPES.get(tag)
+            if telegram_class is not None:
+                return partial(self._decode_telegram, telegram_class)
+        if registered is None and tag not in _DECODERS and tag not in TELEGRAM_TYPES:
+            raise ValueError(
+                f"the stored type {tag!r} is not registered: register its class with "
+                "JSONCodec(types=[...]) to decode it"
+            )
+        raise ValueError(f"malformed tagged object {obj!r}")
 
     def _decode_telegram(self, cls: type[TelegramObject], payload: Any) -> TelegramObject:
         return cls.de_json(_payload(payload, dict), self._bot)
