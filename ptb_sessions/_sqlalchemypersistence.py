@@ -13,13 +13,22 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
+from telegram import Bot
 from telegram.ext import Application, BasePersistence, ContextTypes, PersistenceInput
 from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
-from ptb_sessions._codec import Codec, JSONCodec
+from ptb_sessions._codec import Codec, JSONCodec, bind_codec, storable_state
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
 from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
-from ptb_sessions._store import ANY_VERSION, Database, Record, Write, check_key
+from ptb_sessions._store import (
+    ANY_VERSION,
+    DEFAULT_TIMEOUT,
+    Database,
+    PendingWrites,
+    Record,
+    Write,
+    check_key,
+)
 from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
 
@@ -110,6 +119,8 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             database and restore them in :meth:`~telegram.ext.Application.initialize`, before
             ``post_init`` (needs ``ptb-sessions[jobs]``). See the README, "Jobs that survive
             restarts".
+        timeout: Seconds any one database call may take (default 30); a server that stops
+            answering gives :class:`~ptb_sessions.StorageError` naming the key.
     """
 
     __slots__ = (
@@ -152,6 +163,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
         store_jobs: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(store_data=store_data, update_interval=update_interval)
         if max_cached is not None:
@@ -159,7 +171,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 raise ValueError("max_cached needs lazy=True: eager loading keeps every chat")
             if max_cached < 1:
                 raise ValueError(f"max_cached must be at least 1, not {max_cached}")
-        self.database = Database(url, auto_upgrade=auto_upgrade, clock=clock)
+        self.database = Database(url, auto_upgrade=auto_upgrade, clock=clock, timeout=timeout)
         self.lazy = lazy
         self.max_cached = max_cached
         self._ttl = normalize_ttl(ttl)
@@ -175,7 +187,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         self._bot_state: tuple[int | None, int | None] | None = None
         self._callback_state: tuple[int | None, int | None] | None = None
         self._conversations: dict[str, dict[str, tuple[int | None, int | None]]] = {}
-        self._pending: dict[tuple[str, str], Write] = {}
+        self._pending = PendingWrites()
         self._write_lock = asyncio.Lock()
         self._migration_lock = asyncio.Lock()
         self._batch_task: (
@@ -225,7 +237,21 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         was not found automatically (a warning says so)."""
         if application.persistence is not self:
             raise ValueError("This application does not use this persistence")
+        self._adopt(application)
+
+    def _adopt(self, application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+        """Serve ``application``: take its ContextTypes (its chat_data class is what new chats
+        get), and let the codec store their classes and give its bot to TelegramObjects."""
         self._app = application
+        self.context_types = application.context_types
+        bind_codec(self.codec, application.bot, self.context_types)
+
+    def set_bot(self, bot: Bot) -> None:
+        """Called by :meth:`~telegram.ext.ApplicationBuilder.build`. The codec gives ``bot`` to
+        the TelegramObjects it decodes (so ``message.reply_text()`` works after a restart), and
+        stores the classes of :attr:`context_types` (see :class:`~ptb_sessions.JSONCodec`)."""
+        super().set_bot(bot)
+        bind_codec(self.codec, bot, self.context_types)
 
     def _find_application(self) -> None:
         if self._app is not None:
@@ -238,7 +264,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 break
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Application) and candidate.persistence is self:
-                self._app = candidate
+                self._adopt(candidate)
                 return
             frame = frame.f_back  # type: ignore[assignment]
         if self.max_cached is not None:
@@ -493,7 +519,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         errors, so ``update_persistence`` returns once the batch is written and the
         application's error handler hears of a failure once; the others return at once.
         """
-        self._pending[(write.namespace, write.key)] = write
+        self._pending.put(write)
         if self._batch_task is not None:
             return
         task = self._batch_task = asyncio.create_task(self._run_batch())
@@ -515,14 +541,13 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     async def _run_batch(self) -> tuple[dict[tuple[str, str], StorageError], StorageError | None]:
         await asyncio.sleep(0)  # let every update_* call of this run join
         self._batch_task = None
-        writes = list(self._pending.values())
-        self._pending.clear()
+        writes = self._pending.take()
         try:
             async with self._write_lock:
                 errors = await self.database.apply(writes)
         except StorageError as exc:
             for write in writes:  # kept, and retried at the next run and at flush()
-                self._pending.setdefault((write.namespace, write.key), write)
+                self._pending.keep(write)
             _LOGGER.error("%d writes are kept for the next try: %s", len(writes), exc)
             return {}, exc
         for write in writes:
@@ -548,7 +573,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             return
         if error is not None:
             # Rejected by the database for this key only: keep it for the next try.
-            self._pending.setdefault((write.namespace, write.key), write)
+            self._pending.keep(write)
             return
         if kind is not None:
             item_id = int(write.key)
@@ -580,7 +605,12 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         data_version: float | None = None,
     ) -> None:
         check_key(namespace, key)
-        if state == (None, None) and isinstance(value, Mapping) and not value:
+        if (
+            state == (None, None)
+            and isinstance(value, Mapping)
+            and not value
+            and not getattr(value, "__dict__", None)  # a dict subclass's attributes are data
+        ):
             return  # nothing stored and nothing to store
         codec, encoded = encode_value(
             self.codec, value, f"{namespace}[{key}]", self.max_value_size
@@ -684,7 +714,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if new_state is None:
             await self._submit(Write(namespace, row_key, None))
             return
-        await self._write_if_changed(namespace, row_key, new_state, state)
+        await self._write_if_changed(
+            namespace, row_key, storable_state(self.codec, new_state), state
+        )
 
     async def _drop(self, kind: _Kind, item_id: int) -> None:
         kind.forget(item_id)
