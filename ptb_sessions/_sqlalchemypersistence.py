@@ -350,17 +350,21 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         self._holds.hold(tracker, item_id)
         entry = tracker.get(item_id)
         state = KeyState.UNLOADED if entry is None else entry.state
+        merge = state is KeyState.UNLOADED
         if entry is not None and state is KeyState.LOADED:
             if entry.held is data:
                 if self.max_cached is not None:
                     tracker.used(item_id)
-            elif entry.held is NOTHING:
-                entry.held = data  # written before PTB's object was seen here
-            else:
+                return
+            if entry.held is not NOTHING:
                 # PTB replaced the object under this id: the old one was dropped (the delete
                 # is not yet written) or migrated away. Never bring the stored row back.
                 tracker.replaced(item_id, data)
-            return
+                return
+            if not self.lazy:
+                entry.held = data  # written before PTB's object was seen here
+                return
+            merge = True  # lazy, written before PTB's object was seen here: read it into it
         if state is KeyState.UNLOADED and not self.lazy:
             # Eager: everything stored was loaded at start, so this id had no row. (Should
             # another process have created one since, the version check reports it.)
@@ -373,7 +377,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         tracker.loading[item_id] = future
         try:
-            await self._load_into(tracker, item_id, data, merge=state is KeyState.UNLOADED)
+            await self._load_into(tracker, item_id, data, merge=merge)
             future.set_result(None)
         except BaseException as exc:
             future.set_exception(exc)
@@ -440,15 +444,31 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         await self._refresh(self._chats, chat_id, chat_data)
 
     async def refresh_bot_data(self, bot_data: BD) -> None:
-        """Does nothing: bot_data is loaded once, by :meth:`get_bot_data`."""
+        """Called by PTB before the first matching handler of each update and before each job.
+        bot_data is loaded once, by :meth:`get_bot_data`; this reads it again (in place) only
+        after a :class:`~ptb_sessions.ConflictError` dropped a write of it."""
+        if self._bot.state(_BOT_KEY) is not KeyState.STALE or not isinstance(bot_data, dict):
+            return
+        waiting = self._bot.loading.get(_BOT_KEY)
+        if waiting is not None:
+            await asyncio.shield(waiting)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._bot.loading[_BOT_KEY] = future
+        try:
+            value = await self._read_bot_data()
+            bot_data.clear()
+            bot_data.update(value)
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the waiters re-raise it themselves
+            raise
+        finally:
+            del self._bot.loading[_BOT_KEY]
 
-    async def get_bot_data(self) -> BD:
-        """Called once by :meth:`telegram.ext.Application.initialize`.
-
-        Raises:
-            StorageError: The stored bot data cannot be read; it is never written over.
-        """
-        self._find_application()
+    async def _read_bot_data(self) -> Any:
+        """The stored bot data (a new object if none is stored); tracked as loaded or failed."""
         record = await self.database.get("bot_data", _BOT_KEY)
         if record is None:
             self._bot.loaded(_BOT_KEY, None, None)
@@ -460,7 +480,16 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             self._bot.failed(_BOT_KEY)
             raise
         self._bot.loaded(_BOT_KEY, record.version, hash(record.data))
-        return cast(BD, value)
+        return value
+
+    async def get_bot_data(self) -> BD:
+        """Called once by :meth:`telegram.ext.Application.initialize`.
+
+        Raises:
+            StorageError: The stored bot data cannot be read; it is never written over.
+        """
+        self._find_application()
+        return cast(BD, await self._read_bot_data())
 
     async def get_callback_data(self) -> CDCData | None:
         """Called once by :meth:`telegram.ext.Application.initialize` if the bot has arbitrary
@@ -586,9 +615,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def _after_write(self, write: Write, error: StorageError | None) -> None:
         tracker, key = self._tracked(write.namespace, write.key)
         if isinstance(error, ConflictError):
-            # Dropped. Chat and user data are read again at their next update; the others
-            # have no refresh, so their next write fails again, loudly.
-            if tracker is self._chats or tracker is self._users:
+            # Dropped. Chat, user and bot data are read again at their next update; callback
+            # data and conversations have no refresh, so their next write fails again, loudly.
+            if tracker is self._chats or tracker is self._users or tracker is self._bot:
                 tracker.stale(key)
             return
         if error is not None:
@@ -717,6 +746,8 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         """Called at every :meth:`~telegram.ext.Application.update_persistence`; writes only if
         the bot data changed."""
         self._bot.check_writable(_BOT_KEY)
+        if self._bot.state(_BOT_KEY) is KeyState.STALE:
+            return  # a conflict dropped this data; it is read again first
         await self._write_if_changed(self._bot, _BOT_KEY, data, self._bot.get(_BOT_KEY))
 
     async def update_callback_data(self, data: CDCData) -> None:

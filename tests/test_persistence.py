@@ -473,3 +473,34 @@ async def test_callback_data_of_the_wrong_shape_names_the_command_to_inspect_it(
     assert "ptb-sessions show callback_data" in message, message
     await app.persistence.flush()  # type: ignore[union-attr]
     assert (await stored_record(db_url, "callback_data", "callback_data")).data == data
+
+
+async def test_bot_data_changed_by_another_process_is_read_again_after_the_conflict(
+    db_url: str,
+) -> None:
+    first: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    second: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    apps = [builder().persistence(p).build() for p in (first, second)]
+    errors = [errors_of(app) for app in apps]
+
+    async def count(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        context.bot_data["n"] = context.bot_data.get("n", 0) + 1
+
+    for app in apps:
+        app.add_handler(MessageHandler(filters.ALL, count))
+    async with apps[0], apps[1]:
+        await process(apps[0], message_update(1))
+        await apps[0].update_persistence()
+        await process(apps[1], message_update(2))  # started before it saw the first's write
+        await apps[1].update_persistence()
+        await asyncio.sleep(0.05)
+        assert errors[0] == [] and len(errors[1]) == 1, errors
+        assert "bot_data['bot']" in str(errors[1][0])
+        await process(apps[1], message_update(2))  # reads bot_data again, then counts
+        assert apps[1].bot_data == {"n": 2}
+        await apps[1].update_persistence()
+        await asyncio.sleep(0.05)
+    assert len(errors[1]) == 1, errors
+    check: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    assert await check.get_bot_data() == {"n": 2}
+    await check.flush()
