@@ -95,9 +95,6 @@ class KeyTracker(Generic[K]):
         #: Loads under way, so concurrent refreshes of one key read it once.
         self.loading: dict[K, asyncio.Future[None]] = {}
 
-    def __len__(self) -> int:
-        return len(self._keys)
-
     def get(self, key: K) -> TrackedKey | None:
         """The entry of ``key``, if tracked."""
         return self._keys.get(key)
