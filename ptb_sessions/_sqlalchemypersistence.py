@@ -15,14 +15,23 @@ from typing import Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
+from telegram import Bot
 from telegram.ext import Application, BasePersistence, ContextTypes, PersistenceInput
 from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
-from ptb_sessions._codec import Codec, JSONCodec
+from ptb_sessions._codec import Codec, JSONCodec, bind_codec, storable_state
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
 from ptb_sessions._keytracker import NOTHING, KeyState, KeyTracker, TrackedKey, UpdateHolds
 from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
-from ptb_sessions._store import ANY_VERSION, Database, Record, Write, check_key
+from ptb_sessions._store import (
+    ANY_VERSION,
+    DEFAULT_TIMEOUT,
+    Database,
+    PendingWrites,
+    Record,
+    Write,
+    check_key,
+)
 from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
 from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
@@ -80,6 +89,8 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         clock: Seconds since the epoch; injected in tests.
         max_value_size: The largest encoded value in bytes (default 1 MiB); larger ones are
             rejected with :class:`~ptb_sessions.SerializationError`. :obj:`None`: no limit.
+        timeout: Seconds any one database call may take (default 30); a server that stops
+            answering gives :class:`~ptb_sessions.StorageError` naming the key.
     """
 
     __slots__ = (
@@ -121,6 +132,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         context_types: ContextTypes[Any, UD, CD, BD] | None = None,
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(store_data=store_data, update_interval=update_interval)
         if max_cached is not None:
@@ -128,7 +140,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 raise ValueError("max_cached needs lazy=True: eager loading keeps every chat")
             if max_cached < 1:
                 raise ValueError(f"max_cached must be at least 1, not {max_cached}")
-        self.database = Database(url, auto_upgrade=auto_upgrade, clock=clock)
+        self.database = Database(url, auto_upgrade=auto_upgrade, clock=clock, timeout=timeout)
         self.lazy = lazy
         self.max_cached = max_cached
         self._ttl = normalize_ttl(ttl)
@@ -145,7 +157,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         self._callback: KeyTracker[str] = KeyTracker("callback_data")
         self._conversations: dict[str, KeyTracker[str]] = {}
         self._holds = UpdateHolds()
-        self._pending: dict[tuple[str, str], Write] = {}
+        self._pending = PendingWrites()
         self._touches: set[tuple[str, str]] = set()
         self._write_lock = asyncio.Lock()
         self._migration_lock = asyncio.Lock()
@@ -192,7 +204,21 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         was not found automatically (a warning says so)."""
         if application.persistence is not self:
             raise ValueError("This application does not use this persistence")
+        self._adopt(application)
+
+    def _adopt(self, application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+        """Serve ``application``: take its ContextTypes (its chat_data class is what new chats
+        get), and let the codec store their classes and give its bot to TelegramObjects."""
         self._app = application
+        self.context_types = application.context_types
+        bind_codec(self.codec, application.bot, self.context_types)
+
+    def set_bot(self, bot: Bot) -> None:
+        """Called by :meth:`~telegram.ext.ApplicationBuilder.build`. The codec gives ``bot`` to
+        the TelegramObjects it decodes (so ``message.reply_text()`` works after a restart), and
+        stores the classes of :attr:`context_types` (see :class:`~ptb_sessions.JSONCodec`)."""
+        super().set_bot(bot)
+        bind_codec(self.codec, bot, self.context_types)
 
     def _find_application(self) -> None:
         if self._app is not None:
@@ -205,7 +231,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 break
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Application) and candidate.persistence is self:
-                self._app = candidate
+                self._adopt(candidate)
                 return
             frame = frame.f_back  # type: ignore[assignment]
         if self.max_cached is not None:
@@ -538,7 +564,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
 
     async def _submit(self, write: Write) -> None:
         """Queue ``write`` for this loop tick's batch (see :meth:`_join_batch`)."""
-        self._pending[(write.namespace, write.key)] = write
+        self._pending.put(write)
         await self._join_batch()
 
     async def _submit_touch(self, namespace: str, key: str) -> None:
@@ -574,14 +600,13 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     async def _run_batch(self) -> tuple[dict[tuple[str, str], StorageError], StorageError | None]:
         await asyncio.sleep(0)  # let every update_* call of this run join
         self._batch_task = None
-        writes = list(self._pending.values())
-        self._pending.clear()
+        writes = self._pending.take()
         try:
             async with self._write_lock:
                 errors = await self.database.apply(writes)
         except StorageError as exc:
             for write in writes:  # kept, and retried at the next run and at flush()
-                self._pending.setdefault((write.namespace, write.key), write)
+                self._pending.keep(write)
             _LOGGER.error("%d writes are kept for the next try: %s", len(writes), exc)
             return {}, exc
         for write in writes:
@@ -622,7 +647,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             return
         if error is not None:
             # Rejected by the database for this key only: keep it for the next try.
-            self._pending.setdefault((write.namespace, write.key), write)
+            self._pending.keep(write)
             return
         if write.data is None:
             tracker.forget(key)
@@ -651,7 +676,13 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         namespace = tracker.namespace
         check_key(namespace, key)
         loaded = entry is not None and entry.state is KeyState.LOADED
-        if loaded and entry.version is None and isinstance(value, Mapping) and not value:  # type: ignore[union-attr]
+        if (
+            loaded
+            and entry.version is None  # type: ignore[union-attr]
+            and isinstance(value, Mapping)
+            and not value
+            and not getattr(value, "__dict__", None)  # a dict subclass's attributes are data
+        ):
             return  # nothing stored and nothing to store
         codec, encoded = encode_value(
             self.codec, value, f"{namespace}[{key}]", self.max_value_size
@@ -770,7 +801,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if new_state is None:
             await self._submit(Write(tracker.namespace, row_key, None))
             return
-        await self._write_if_changed(tracker, row_key, new_state, tracker.get(row_key))
+        await self._write_if_changed(
+            tracker, row_key, storable_state(self.codec, new_state), tracker.get(row_key)
+        )
 
     async def _drop(self, tracker: KeyTracker[int], item_id: int) -> None:
         tracker.forget(item_id)
