@@ -3,120 +3,19 @@
 
 from __future__ import annotations
 
-import copy
-import logging
-import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from telegram import Update
 from telegram.ext import Application, BaseHandler
 from telegram.ext._utils.types import CCT
 
-if TYPE_CHECKING:
-    from ptb_sessions._sqlalchemypersistence import SQLAlchemyPersistence
+from ptb_sessions._sessionhandler import SessionHandler
+from ptb_sessions._sqlalchemypersistence import SQLAlchemyPersistence
 
-__all__ = ["ChatMigrationHandler", "migrate_chat"]
+__all__ = ["ChatMigrationHandler", "session_prefixes"]
 
-_LOGGER = logging.getLogger(__name__)
 RT = TypeVar("RT")
-
-
-def _session_moves(
-    namespace: str, keys: Iterable[str], old: str, new: str, prefixes: Iterable[str]
-) -> list[tuple[str, str, str]]:
-    """The renames of the session keys of ``old``: ``<p><old>``, ``<p><old>/<thread>`` and
-    ``<p><user>/<old>`` for each prefix ``p``."""
-    moves = []
-    patterns = [
-        re.compile(
-            rf"^(?P<p>{re.escape(prefix)})(?:(?P<chat>{re.escape(old)})(?P<thread>/\d+)?"
-            rf"|(?P<user>\d+)/{re.escape(old)})$"
-        )
-        for prefix in sorted({"", *prefixes}, key=len, reverse=True)
-    ]
-    for key in keys:
-        for pattern in patterns:
-            match = pattern.match(key)
-            if match is None:
-                continue
-            if match["chat"] is not None:
-                moves.append((namespace, key, f"{match['p']}{new}{match['thread'] or ''}"))
-            else:
-                moves.append((namespace, key, f"{match['p']}{match['user']}/{new}"))
-            break
-    return moves
-
-
-async def migrate_chat(
-    persistence: SQLAlchemyPersistence[Any, Any, Any],
-    old_chat_id: int,
-    new_chat_id: int,
-    *,
-    prefixes: Iterable[str] = ("",),
-) -> bool:
-    """See :meth:`ptb_sessions.SQLAlchemyPersistence.migrate_chat`."""
-    from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES
-
-    old, new = str(old_chat_id), str(new_chat_id)
-    app = persistence.application
-    chats = persistence._chats
-    async with persistence._migration_lock:
-        live: dict[int, Any] | None = app._chat_data if app is not None else None
-        # The old chat's newest data goes to the database first, so the move takes all of it.
-        if live is not None and chats.loaded.get(old_chat_id) is not None:
-            held = live.get(old_chat_id)
-            if held is not None and held is chats.loaded[old_chat_id]:
-                await persistence._update(chats, old_chat_id, copy.deepcopy(held))
-        database = persistence.database
-        moves = [("chat_data", old, new)]
-        for namespace in await database.namespaces():
-            if namespace in BUILTIN_NAMESPACES or namespace.startswith("conversation:"):
-                continue
-            keys = await database.keys_containing(namespace, old)
-            moves += _session_moves(namespace, keys, old, new, prefixes)
-        done, skipped = await database.move_keys(moves)
-        for namespace, old_key, new_key in skipped:
-            _LOGGER.warning(
-                "Chat migration %s -> %s: %s[%r] was not moved because %r already has data; "
-                "the old data stays under the old key",
-                old,
-                new,
-                namespace,
-                old_key,
-                new_key,
-            )
-        moved_chat_data = ("chat_data", old, new) in done
-        chats.forget(old_chat_id)
-        if live is not None:
-            _move_in_memory(persistence, live, old_chat_id, new_chat_id, moved_chat_data)
-        if done:
-            _LOGGER.info("Chat migration %s -> %s moved %d rows", old, new, len(done))
-        return bool(done)
-
-
-def _move_in_memory(
-    persistence: SQLAlchemyPersistence[Any, Any, Any],
-    live: dict[int, Any],
-    old_chat_id: int,
-    new_chat_id: int,
-    moved: bool,
-) -> None:
-    chats = persistence._chats
-    held_old = live.get(old_chat_id)
-    held_new = live.get(new_chat_id)
-    if held_new:
-        if moved:  # the new chat's memory was ahead of the database: read it again
-            chats.stale.add(new_chat_id)
-        return
-    if moved:
-        live.pop(old_chat_id, None)
-        if held_new is not None and held_old:
-            held_new.update(held_old)  # in place: a running handler may hold this object
-        elif held_old is not None:
-            live[new_chat_id] = held_old
-        chats.forget(new_chat_id)
-        chats.stale.add(new_chat_id)  # the next update of the new chat reads the moved row
 
 
 class ChatMigrationHandler(BaseHandler[Update, CCT, None]):
@@ -178,7 +77,7 @@ class ChatMigrationHandler(BaseHandler[Update, CCT, None]):
             self.persistence.bind_application(application)
         old, new = check_result
         prefixes = session_prefixes(application).union(self.prefixes)
-        await self.persistence.migrate_chat(old, new, prefixes=tuple(prefixes))
+        await self.persistence.migrate_chat(old, new, prefixes=prefixes)
 
     async def _migrate(self, update: Update, context: Any) -> None:  # pragma: no cover
         raise NotImplementedError  # handle_update does the work
@@ -187,8 +86,6 @@ class ChatMigrationHandler(BaseHandler[Update, CCT, None]):
 def session_prefixes(application: Application[Any, Any, Any, Any, Any, Any]) -> set[str]:
     """The key prefixes of the application's :class:`~ptb_sessions.SessionHandler`\\ s and
     fragments (always including ``""``)."""
-    from ptb_sessions._sessionhandler import SessionHandler
-
     prefixes = {""}
     stack: list[Any] = [h for group in application.handlers.values() for h in group]
     while stack:

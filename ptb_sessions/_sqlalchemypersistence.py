@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dtm
 import json
 import logging
+import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy.engine import URL
@@ -19,6 +21,7 @@ from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
 from ptb_sessions._codec import Codec, JSONCodec, bind_codec, storable_state
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
+from ptb_sessions._keytracker import NOTHING, KeyState, KeyTracker, TrackedKey, UpdateHolds
 from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
 from ptb_sessions._store import (
     ANY_VERSION,
@@ -31,10 +34,10 @@ from ptb_sessions._store import (
 )
 from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
+from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
 
 if TYPE_CHECKING:
     from ptb_sessions._jobs import StoredJobs
-    from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
 
 __all__ = ["SQLAlchemyPersistence"]
 
@@ -49,32 +52,6 @@ _CALLBACK_KEY = "callback_data"
 _CONVERSATION_PREFIX = "conversation:"
 #: The namespaces of PTB's own data; everything else in the table is a session namespace.
 BUILTIN_NAMESPACES = frozenset({"user_data", "chat_data", "bot_data", "callback_data"})
-
-
-class _Kind:
-    """The bookkeeping of one kind of per-id data (chat_data or user_data).
-
-    ``loaded`` maps the ids whose data PTB holds to the very object PTB holds (identity tells
-    a reload from a dict PTB replaced), in least-recently-used order; ``state`` maps ids to
-    ``(row version, hash of the stored encoding)``; ``failed`` holds the ids whose load failed
-    (never written until they load); ``stale`` the ids to read again after a conflict.
-    """
-
-    __slots__ = ("failed", "loaded", "loading", "name", "stale", "state")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.loaded: dict[int, Any] = {}
-        self.state: dict[int, tuple[int | None, int | None]] = {}
-        self.failed: set[int] = set()
-        self.stale: set[int] = set()
-        self.loading: dict[int, asyncio.Future[None]] = {}
-
-    def forget(self, item_id: int) -> None:
-        self.loaded.pop(item_id, None)
-        self.state.pop(item_id, None)
-        self.failed.discard(item_id)
-        self.stale.discard(item_id)
 
 
 class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
@@ -126,15 +103,17 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     __slots__ = (
         "_app",
         "_batch_task",
-        "_bot_state",
-        "_callback_state",
+        "_bot",
+        "_callback",
         "_chats",
         "_conversations",
+        "_holds",
         "_jobs",
         "_migration_lock",
         "_migrations",
         "_pending",
         "_store_jobs",
+        "_touches",
         "_ttl",
         "_users",
         "_write_lock",
@@ -182,12 +161,14 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         )
         self.clock = clock
         self.max_value_size = max_value_size
-        self._chats = _Kind("chat_data")
-        self._users = _Kind("user_data")
-        self._bot_state: tuple[int | None, int | None] | None = None
-        self._callback_state: tuple[int | None, int | None] | None = None
-        self._conversations: dict[str, dict[str, tuple[int | None, int | None]]] = {}
+        self._chats: KeyTracker[int] = KeyTracker("chat_data")
+        self._users: KeyTracker[int] = KeyTracker("user_data")
+        self._bot: KeyTracker[str] = KeyTracker("bot_data")
+        self._callback: KeyTracker[str] = KeyTracker("callback_data")
+        self._conversations: dict[str, KeyTracker[str]] = {}
+        self._holds = UpdateHolds()
         self._pending = PendingWrites()
+        self._touches: set[tuple[str, str]] = set()
         self._write_lock = asyncio.Lock()
         self._migration_lock = asyncio.Lock()
         self._batch_task: (
@@ -213,8 +194,6 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         Args:
             namespace: The namespace of the session rows; not one of PTB's own.
         """
-        from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
-
         if namespace in BUILTIN_NAMESPACES or namespace.startswith(_CONVERSATION_PREFIX):
             raise ValueError(f"The namespace {namespace!r} is used by PTB's own data")
         return SQLAlchemyStorage(
@@ -304,17 +283,26 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def _latest_version(self) -> float | None:
         return None if self._migrations is None else self._migrations[-1][0]
 
-    def _decode_data(self, kind: _Kind, item_id: int, record: Record) -> Any:
-        key = str(item_id)
-        value = decode_record(self.codec, record, kind.name, key)
-        if self._migrations is not None:
-            value, _ = apply_migrations(
-                value, record.data_version, self._migrations, key=f"{kind.name}[{key}]"
-            )
-        factory = (
-            self.context_types.chat_data if kind is self._chats else self.context_types.user_data
+    def _per_id(self, tracker: KeyTracker[int]) -> Callable[[], Any]:
+        """The factory of the application's chat_data or user_data objects."""
+        return (
+            self.context_types.chat_data
+            if tracker is self._chats
+            else self.context_types.user_data
         )
-        return self._as_type(factory, value, f"{kind.name}[{key}]")
+
+    def _decode_data(self, tracker: KeyTracker[int], record: Record, key: str) -> tuple[Any, bool]:
+        """The value of a chat_data or user_data row, migrated, and whether it must be written
+        back (it was stored at an older data version)."""
+        where = f"{tracker.namespace}[{key}]"
+        value = decode_record(self.codec, record, tracker.namespace, key)
+        writeback = False
+        if self._migrations is not None:
+            value, latest = apply_migrations(
+                value, record.data_version, self._migrations, key=where
+            )
+            writeback = record.data_version != latest
+        return self._as_type(self._per_id(tracker), value, where), writeback
 
     @staticmethod
     def _as_type(factory: Callable[[], Any], value: Any, where: str) -> Any:
@@ -334,39 +322,80 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def _expired(self, record: Record) -> bool:
         return record.expires_at is not None and record.expires_at < self.clock()
 
+    def _mark_for_writeback(self, tracker: KeyTracker[int], ids: list[int]) -> None:
+        """Have the application hand ``ids`` to the next ``update_persistence`` run (their
+        values were migrated on load and are written back at the latest version)."""
+        if not ids or self._app is None:
+            return
+        if tracker is self._chats:
+            self._app.mark_data_for_update_persistence(chat_ids=ids)
+        else:
+            self._app.mark_data_for_update_persistence(user_ids=ids)
+
+    def _conversation_tracker(self, name: str) -> KeyTracker[str]:
+        tracker = self._conversations.get(name)
+        if tracker is None:
+            tracker = self._conversations[name] = KeyTracker(_CONVERSATION_PREFIX + name)
+        return tracker
+
+    def _tracked(self, namespace: str, key: str) -> tuple[KeyTracker[Any], Hashable]:
+        """The tracker of a row, and the row's key in it."""
+        if namespace == "chat_data":
+            return self._chats, int(key)
+        if namespace == "user_data":
+            return self._users, int(key)
+        if namespace == "bot_data":
+            return self._bot, key
+        if namespace == "callback_data":
+            return self._callback, key
+        return self._conversation_tracker(namespace[len(_CONVERSATION_PREFIX) :]), key
+
     # -- loading --------------------------------------------------------------------------
 
-    async def _load_all(self, kind: _Kind) -> dict[int, Any]:
+    async def _load_all(self, tracker: KeyTracker[int]) -> dict[int, Any]:
         self._find_application()
         await self._attach_jobs()
         if self.lazy:
             return {}
         result: dict[int, Any] = {}
         expired = 0
-        async for key, record in self.database.scan(kind.name):
+        writeback: list[int] = []
+        expires_at = self._expires_at()
+        async for key, record in self.database.scan(tracker.namespace):
             try:
                 item_id = int(key)
             except ValueError:
-                _LOGGER.error("Skipping %s[%r]: the key is not an integer id", kind.name, key)
+                _LOGGER.error(
+                    "Skipping %s[%r]: the key is not an integer id", tracker.namespace, key
+                )
                 continue
             if self._expired(record):
                 expired += 1
                 continue
             try:
-                value = self._decode_data(kind, item_id, record)
+                value, needs_writeback = self._decode_data(tracker, record, key)
             except Exception:
-                kind.failed.add(item_id)
+                tracker.failed(item_id)
                 _LOGGER.exception(
-                    "Skipping %s[%s]; it is not written until it loads", kind.name, key
+                    "Skipping %s[%s]; it is not written until it loads", tracker.namespace, key
                 )
                 continue
             result[item_id] = value
-            kind.loaded[item_id] = value
-            kind.state[item_id] = (record.version, hash(record.data))
+            tracker.loaded(
+                item_id,
+                record.version,
+                hash(record.data),
+                held=value,
+                needs_writeback=needs_writeback,
+                expires_at=expires_at,
+            )
+            if needs_writeback:
+                writeback.append(item_id)
         if expired:
-            await self.database.purge_expired(kind.name)
-        if self._ttl is not None:
-            await self.database.touch_namespace(kind.name, cast(float, self._expires_at()))
+            await self.database.purge_expired(tracker.namespace)
+        if expires_at is not None:
+            await self.database.touch_namespace(tracker.namespace, expires_at)
+        self._mark_for_writeback(tracker, writeback)
         return result
 
     async def get_user_data(self) -> dict[int, UD]:
@@ -381,145 +410,214 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         :meth:`refresh_chat_data`)."""
         return await self._load_all(self._chats)
 
-    async def _refresh(self, kind: _Kind, item_id: int, data: Any) -> None:
-        loaded = kind.loaded.get(item_id, _MISSING)
-        if loaded is data and item_id not in kind.stale:
-            if self.max_cached is not None:  # least recently used order
-                kind.loaded[item_id] = kind.loaded.pop(item_id)
-            return
-        if loaded is not _MISSING and item_id not in kind.stale:
-            # PTB replaced the object under this id: the old one was dropped (the delete is
-            # not yet written) or migrated away. Never bring the stored row back.
-            kind.loaded[item_id] = data
-            kind.state[item_id] = (ANY_VERSION, None)
-            kind.failed.discard(item_id)
-            return
-        if data and item_id not in kind.stale:
-            # PTB already holds data for this id that did not come from here (it was moved
-            # here by Application.migrate_chat_data): keep it, do not overwrite it.
-            kind.loaded[item_id] = data
-            kind.state[item_id] = (ANY_VERSION, None)
-            return
-        if not self.lazy and item_id not in kind.stale and item_id not in kind.failed:
+    async def _refresh(self, tracker: KeyTracker[int], item_id: int, data: Any) -> None:
+        self._holds.hold(tracker, item_id)
+        entry = tracker.get(item_id)
+        state = KeyState.UNLOADED if entry is None else entry.state
+        merge = state is KeyState.UNLOADED
+        if entry is not None and state is KeyState.LOADED:
+            if entry.held is data:
+                if self.max_cached is not None:
+                    tracker.used(item_id)
+                return
+            if entry.held is not NOTHING:
+                # PTB replaced the object under this id: the old one was dropped (the delete
+                # is not yet written) or migrated away. Never bring the stored row back.
+                tracker.replaced(item_id, data)
+                return
+            if not self.lazy:
+                entry.held = data  # written before PTB's object was seen here
+                return
+            merge = True  # lazy, written before PTB's object was seen here: read it into it
+        if state is KeyState.UNLOADED and not self.lazy:
             # Eager: everything stored was loaded at start, so this id had no row. (Should
             # another process have created one since, the version check reports it.)
-            kind.loaded[item_id] = data
-            kind.state[item_id] = (None, None)
+            tracker.loaded(item_id, None, None, held=data)
             return
-        waiting = kind.loading.get(item_id)
+        waiting = tracker.loading.get(item_id)
         if waiting is not None:
             await asyncio.shield(waiting)
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        kind.loading[item_id] = future
+        tracker.loading[item_id] = future
         try:
-            await self._load_into(kind, item_id, data)
+            await self._load_into(tracker, item_id, data, merge=merge)
             future.set_result(None)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: the waiters re-raise it themselves
             raise
         finally:
-            del kind.loading[item_id]
-        self._evict(kind, keep=item_id)
+            del tracker.loading[item_id]
+        self._evict(tracker, keep=item_id)
 
-    async def _load_into(self, kind: _Kind, item_id: int, data: Any) -> None:
+    async def _read_live(self, tracker: KeyTracker[int], key: str) -> Record | None:
+        """The unexpired row of ``key`` (an expired one is deleted), its expiry refreshed."""
+        record = await self.database.get(tracker.namespace, key)
+        if record is not None and self._expired(record):
+            await self.database.delete_if_expired(tracker.namespace, key)
+            return None
+        if record is not None and self._ttl is not None:
+            await self.database.touch(tracker.namespace, [key], self._expires_at())
+        return record
+
+    async def _load_into(
+        self, tracker: KeyTracker[int], item_id: int, data: Any, *, merge: bool
+    ) -> None:
+        """Read the row of ``item_id`` into PTB's ``data`` (in place). With ``merge``, what
+        PTB already holds there (written by another chat's handler before this chat's first
+        update) is applied over the stored value, as in eager mode."""
         key = str(item_id)
         try:
-            record = await self.database.get(kind.name, key)
-            if record is not None and self._expired(record):
-                await self.database.delete_if_expired(kind.name, key)
-                record = None
-            value = None if record is None else self._decode_data(kind, item_id, record)
-            if record is not None and self._ttl is not None:
-                await self.database.touch(kind.name, [key], self._expires_at())
+            record = await self._read_live(tracker, key)
+            value, needs_writeback = (
+                (None, False) if record is None else self._decode_data(tracker, record, key)
+            )
         except BaseException:
-            kind.failed.add(item_id)
-            kind.loaded.pop(item_id, None)
+            tracker.failed(item_id)
             raise
+        held_before = dict(data) if merge and data else None
         data.clear()
         if value is not None:
             data.update(value)
-        kind.loaded[item_id] = data
-        kind.state[item_id] = (
-            (None, None) if record is None else (record.version, hash(record.data))
+        if held_before:
+            data.update(held_before)
+        tracker.loaded(
+            item_id,
+            None if record is None else record.version,
+            None if record is None else hash(record.data),
+            held=data,
+            needs_writeback=needs_writeback,
+            expires_at=None if record is None else self._expires_at(),
         )
-        kind.failed.discard(item_id)
-        kind.stale.discard(item_id)
+        if needs_writeback:
+            self._mark_for_writeback(tracker, [item_id])
 
     async def refresh_user_data(self, user_id: int, user_data: UD) -> None:
         """Called by PTB before the first matching handler of each update and before each job.
         Loads the user's row into ``user_data`` (in place) the first time the user is seen,
-        and again after a :class:`~ptb_sessions.ConflictError`; otherwise does nothing."""
+        and again after a :class:`~ptb_sessions.ConflictError`; otherwise does nothing. The
+        user is in use (never evicted by ``max_cached``) until the update ends."""
         await self._refresh(self._users, user_id, user_data)
 
     async def refresh_chat_data(self, chat_id: int, chat_data: CD) -> None:
         """Called by PTB before the first matching handler of each update and before each job.
         Loads the chat's row into ``chat_data`` (in place) the first time the chat is seen,
-        and again after a :class:`~ptb_sessions.ConflictError`; otherwise does nothing."""
+        and again after a :class:`~ptb_sessions.ConflictError`; otherwise does nothing. The
+        chat is in use (never evicted by ``max_cached``) until the update ends."""
         await self._refresh(self._chats, chat_id, chat_data)
 
     async def refresh_bot_data(self, bot_data: BD) -> None:
-        """Does nothing: bot_data is loaded once, by :meth:`get_bot_data`."""
+        """Called by PTB before the first matching handler of each update and before each job.
+        bot_data is loaded once, by :meth:`get_bot_data`; this reads it again (in place) only
+        after a :class:`~ptb_sessions.ConflictError` dropped a write of it."""
+        if self._bot.state(_BOT_KEY) is not KeyState.STALE or not isinstance(bot_data, dict):
+            return
+        waiting = self._bot.loading.get(_BOT_KEY)
+        if waiting is not None:
+            await asyncio.shield(waiting)
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._bot.loading[_BOT_KEY] = future
+        try:
+            value = await self._read_bot_data()
+            bot_data.clear()
+            bot_data.update(value)
+            future.set_result(None)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: the waiters re-raise it themselves
+            raise
+        finally:
+            del self._bot.loading[_BOT_KEY]
 
-    async def get_bot_data(self) -> BD:
-        """Called once by :meth:`telegram.ext.Application.initialize`."""
-        self._find_application()
-        await self._attach_jobs()
+    async def _read_bot_data(self) -> Any:
+        """The stored bot data (a new object if none is stored); tracked as loaded or failed."""
         record = await self.database.get("bot_data", _BOT_KEY)
         if record is None:
-            self._bot_state = (None, None)
+            self._bot.loaded(_BOT_KEY, None, None)
             return self.context_types.bot_data()
-        value = decode_record(self.codec, record, "bot_data", _BOT_KEY)
-        self._bot_state = (record.version, hash(record.data))
-        return cast(BD, self._as_type(self.context_types.bot_data, value, "bot_data"))
+        try:
+            value = decode_record(self.codec, record, "bot_data", _BOT_KEY)
+            value = self._as_type(self.context_types.bot_data, value, "bot_data")
+        except StorageError:
+            self._bot.failed(_BOT_KEY)
+            raise
+        self._bot.loaded(_BOT_KEY, record.version, hash(record.data))
+        return value
+
+    async def get_bot_data(self) -> BD:
+        """Called once by :meth:`telegram.ext.Application.initialize`.
+
+        Raises:
+            StorageError: The stored bot data cannot be read; it is never written over.
+        """
+        self._find_application()
+        await self._attach_jobs()
+        return cast(BD, await self._read_bot_data())
 
     async def get_callback_data(self) -> CDCData | None:
         """Called once by :meth:`telegram.ext.Application.initialize` if the bot has arbitrary
-        callback data. Returns what :meth:`update_callback_data` stored, as PTB's tuple."""
+        callback data. Returns what :meth:`update_callback_data` stored, as PTB's tuple.
+
+        Raises:
+            StorageError: The stored callback data cannot be read or is not of PTB's shape;
+                it is never written over.
+        """
         record = await self.database.get("callback_data", _CALLBACK_KEY)
         if record is None:
-            self._callback_state = (None, None)
+            self._callback.loaded(_CALLBACK_KEY, None, None)
             return None
-        value = decode_record(self.codec, record, "callback_data", _CALLBACK_KEY)
-        self._callback_state = (record.version, hash(record.data))
-        keyboards, queries = value
-        return [tuple(entry) for entry in keyboards], dict(queries)
+        try:
+            value = decode_record(self.codec, record, "callback_data", _CALLBACK_KEY)
+            result = _callback_data(value)
+        except StorageError:
+            self._callback.failed(_CALLBACK_KEY)
+            raise
+        self._callback.loaded(_CALLBACK_KEY, record.version, hash(record.data))
+        return result
 
     async def get_conversations(self, name: str) -> ConversationDict:
         """Called by :meth:`telegram.ext.Application.initialize` for each persistent
         :class:`~telegram.ext.ConversationHandler`. Conversations are always loaded whole:
-        PTB reads their states synchronously."""
-        namespace = _CONVERSATION_PREFIX + name
-        states: dict[str, tuple[int | None, int | None]] = {}
+        PTB reads their states synchronously. A row that cannot be read is skipped (and
+        logged), and never written over."""
+        tracker = self._conversation_tracker(name)
         result: dict[ConversationKey, object] = {}
-        async for key, record in self.database.scan(namespace):
+        async for key, record in self.database.scan(tracker.namespace):
             try:
-                conversation_key = tuple(json.loads(key))
-                state = decode_record(self.codec, record, namespace, key)
-            except StorageError:
-                _LOGGER.exception("Skipping a conversation state of %r", name)
-                continue
-            except ValueError:
-                _LOGGER.error("Skipping %s[%r]: not a conversation key", namespace, key)
+                conversation_key = _conversation_key(tracker.namespace, key)
+                state = decode_record(self.codec, record, tracker.namespace, key)
+                _check_hashable_state(tracker.namespace, key, state)
+            except StorageError as exc:
+                tracker.failed(key)
+                _LOGGER.error(
+                    "Skipping a conversation state; it is not written until it loads: %s", exc
+                )
                 continue
             result[conversation_key] = state
-            states[key] = (record.version, hash(record.data))
-        self._conversations[name] = states
+            tracker.loaded(key, record.version, hash(record.data))
         return result
 
     # -- writing --------------------------------------------------------------------------
 
     async def _submit(self, write: Write) -> None:
-        """Queue ``write`` for this loop tick's batch.
+        """Queue ``write`` for this loop tick's batch (see :meth:`_join_batch`)."""
+        self._pending.put(write)
+        await self._join_batch()
 
-        Every ``update_*`` call of one :meth:`~telegram.ext.Application.update_persistence`
+    async def _submit_touch(self, namespace: str, key: str) -> None:
+        """Queue a refresh of the expiry of an unchanged row for this loop tick's batch."""
+        self._touches.add((namespace, key))
+        await self._join_batch()
+
+    async def _join_batch(self) -> None:
+        """Every ``update_*`` call of one :meth:`~telegram.ext.Application.update_persistence`
         run starts in the same loop iteration (PTB gathers them), so they share one batch and
         one transaction. The first caller of a batch (its leader) waits for it and raises its
         errors, so ``update_persistence`` returns once the batch is written and the
         application's error handler hears of a failure once; the others return at once.
         """
-        self._pending.put(write)
         if self._batch_task is not None:
             return
         task = self._batch_task = asyncio.create_task(self._run_batch())
@@ -554,59 +652,72 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             self._after_write(write, errors.get((write.namespace, write.key)))
         for error in errors.values():
             _LOGGER.error("%s", error)
+        await self._apply_touches()
         self._evict(self._chats)
         self._evict(self._users)
         return errors, None
 
+    async def _apply_touches(self) -> None:
+        """Refresh the expiry of the unchanged rows (a cheap update, never a rewrite)."""
+        touches, self._touches = self._touches, set()
+        by_namespace: dict[str, list[str]] = {}
+        for namespace, key in touches:
+            by_namespace.setdefault(namespace, []).append(key)
+        expires_at = self._expires_at()
+        for namespace, keys in by_namespace.items():
+            try:
+                async with self._write_lock:
+                    await self.database.touch(namespace, keys, expires_at)
+            except StorageError as exc:
+                self._touches.update((namespace, key) for key in keys)  # tried again
+                _LOGGER.warning("The expiry of %d rows is refreshed later: %s", len(keys), exc)
+                continue
+            for key in keys:
+                tracker, tracked_key = self._tracked(namespace, key)
+                tracker.touched(tracked_key, expires_at)
+
     def _after_write(self, write: Write, error: StorageError | None) -> None:
-        kind = {"chat_data": self._chats, "user_data": self._users}.get(write.namespace)
-        state = (
-            None
-            if error is not None
-            else (write.new_version, None if write.data is None else hash(write.data))
-        )
+        tracker, key = self._tracked(write.namespace, write.key)
         if isinstance(error, ConflictError):
-            # Dropped; the row is read again at the next update of this id.
-            if kind is not None:
-                kind.stale.add(int(write.key))
-                kind.state.pop(int(write.key), None)
+            # Dropped. Chat, user and bot data are read again at their next update; callback
+            # data and conversations have no refresh, so their next write fails again, loudly.
+            if tracker is self._chats or tracker is self._users or tracker is self._bot:
+                tracker.stale(key)
             return
         if error is not None:
             # Rejected by the database for this key only: keep it for the next try.
             self._pending.keep(write)
             return
-        if kind is not None:
-            item_id = int(write.key)
-            if write.data is None:
-                kind.forget(item_id)
-            else:
-                kind.state[item_id] = cast("tuple[int | None, int | None]", state)
-        elif write.namespace == "bot_data":
-            self._bot_state = state
-        elif write.namespace == "callback_data":
-            self._callback_state = state
-        elif write.namespace.startswith(_CONVERSATION_PREFIX):
-            states = self._conversations.setdefault(
-                write.namespace[len(_CONVERSATION_PREFIX) :], {}
-            )
-            if write.data is None:
-                states.pop(write.key, None)
-            else:
-                states[write.key] = cast("tuple[int | None, int | None]", state)
+        if write.data is None:
+            tracker.forget(key)
+        else:
+            tracker.written(key, write.new_version, hash(write.data), write.expires_at)
+
+    def _touch_due(self, entry: TrackedKey | None) -> bool:
+        """Whether an unchanged row's expiry must be refreshed now (it may wait up to a tenth
+        of the ttl)."""
+        if self._ttl is None:
+            return False
+        if entry is None or entry.expires_at is None:
+            return True
+        return entry.expires_at - self.clock() < self._ttl * 0.9
 
     async def _write_if_changed(
         self,
-        namespace: str,
+        tracker: KeyTracker[Any],
         key: str,
         value: Any,
-        state: tuple[int | None, int | None] | None,
+        entry: TrackedKey | None,
         *,
         expires_at: float | None = None,
         data_version: float | None = None,
     ) -> None:
+        namespace = tracker.namespace
         check_key(namespace, key)
+        loaded = entry is not None and entry.state is KeyState.LOADED
         if (
-            state == (None, None)
+            loaded
+            and entry.version is None  # type: ignore[union-attr]
             and isinstance(value, Mapping)
             and not value
             and not getattr(value, "__dict__", None)  # a dict subclass's attributes are data
@@ -616,13 +727,14 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             self.codec, value, f"{namespace}[{key}]", self.max_value_size
         )
         if (
-            state is not None
-            and state[1] == hash(encoded)
+            entry is not None
+            and entry.is_unchanged(hash(encoded))
             and (namespace, key) not in self._pending
-            and expires_at is None
         ):
+            if expires_at is not None and self._touch_due(entry):
+                await self._submit_touch(namespace, key)
             return
-        expected = ANY_VERSION if state is None else state[0]
+        expected = entry.version if loaded else ANY_VERSION  # type: ignore[union-attr]
         await self._submit(
             Write(
                 namespace,
@@ -635,51 +747,59 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             )
         )
 
-    async def _update(self, kind: _Kind, item_id: int, data: Any) -> None:
-        if item_id in kind.failed:
-            raise StorageError(
-                f"{kind.name}[{item_id}] is not written: its stored row could not be loaded "
-                "(see the earlier error), and writing would replace it"
-            )
-        if item_id in kind.stale:
+    async def _update(self, tracker: KeyTracker[int], item_id: int, data: Any) -> None:
+        tracker.check_writable(item_id)
+        entry = tracker.get(item_id)
+        state = KeyState.UNLOADED if entry is None else entry.state
+        if state is KeyState.STALE:
             return  # a conflict dropped this data; the row is read again first
-        state = kind.state.get(item_id)
-        if state is None and not self.lazy:
-            state = (None, None)  # eager: every stored row was loaded at start
-        if state is None:
-            # Never loaded here (lazy, or an id touched only through
-            # Application.mark_data_for_update_persistence): load the row first and merge.
-            data = await self._merge_unloaded(kind, item_id, data)
-            state = kind.state.get(item_id)
+        if state is KeyState.UNLOADED:
+            if self.lazy:
+                # Never loaded here (lazy, or an id touched only through
+                # Application.mark_data_for_update_persistence): load the row first and merge.
+                data = await self._merge_unloaded(tracker, item_id, data)
+                entry = tracker.get(item_id)
+            else:
+                entry = tracker.loaded(item_id, None, None)  # eager: every row was loaded
         await self._write_if_changed(
-            kind.name,
+            tracker,
             str(item_id),
             data,
-            state,
+            entry,
             expires_at=self._expires_at(),
             data_version=self._latest_version(),
         )
 
-    async def _merge_unloaded(self, kind: _Kind, item_id: int, data: Any) -> Any:
+    async def _merge_unloaded(self, tracker: KeyTracker[int], item_id: int, data: Any) -> Any:
+        key = str(item_id)
         try:
-            record = await self.database.get(kind.name, str(item_id))
-        except StorageError:
-            kind.failed.add(item_id)
+            record = await self.database.get(tracker.namespace, key)
+            expired = record is not None and self._expired(record)
+            stored, needs_writeback = (
+                (None, False)
+                if record is None or expired
+                else self._decode_data(tracker, record, key)
+            )
+        except BaseException:
+            tracker.failed(item_id)
             raise
-        if record is None or self._expired(record):
-            kind.state[item_id] = (None, None) if record is None else (record.version, None)
+        if stored is None:
+            version = None if record is None else record.version
+            tracker.loaded(item_id, version, None)
             return data
-        try:
-            stored = self._decode_data(kind, item_id, record)
-        except Exception:
-            kind.failed.add(item_id)
-            raise
         stored.update(data)
-        kind.state[item_id] = (record.version, hash(record.data))
-        live = self._live(kind).get(item_id) if self._app is not None else None
+        live = self._live(tracker).get(item_id) if self._app is not None else None
+        held = NOTHING
         if isinstance(live, dict):
             live.update(stored)
-            kind.loaded[item_id] = live
+            held = live
+        tracker.loaded(
+            item_id,
+            record.version,  # type: ignore[union-attr]
+            hash(record.data),  # type: ignore[union-attr]
+            held=held,
+            needs_writeback=needs_writeback,
+        )
         return stored
 
     async def update_user_data(self, user_id: int, data: UD) -> None:
@@ -695,32 +815,38 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     async def update_bot_data(self, data: BD) -> None:
         """Called at every :meth:`~telegram.ext.Application.update_persistence`; writes only if
         the bot data changed."""
-        await self._write_if_changed("bot_data", _BOT_KEY, data, self._bot_state)
+        self._bot.check_writable(_BOT_KEY)
+        if self._bot.state(_BOT_KEY) is KeyState.STALE:
+            return  # a conflict dropped this data; it is read again first
+        await self._write_if_changed(self._bot, _BOT_KEY, data, self._bot.get(_BOT_KEY))
 
     async def update_callback_data(self, data: CDCData) -> None:
         """Called at every :meth:`~telegram.ext.Application.update_persistence`; writes only if
         the callback data changed."""
-        await self._write_if_changed("callback_data", _CALLBACK_KEY, data, self._callback_state)
+        self._callback.check_writable(_CALLBACK_KEY)
+        await self._write_if_changed(
+            self._callback, _CALLBACK_KEY, data, self._callback.get(_CALLBACK_KEY)
+        )
 
     async def update_conversation(
         self, name: str, key: ConversationKey, new_state: object | None
     ) -> None:
         """Called by :meth:`~telegram.ext.Application.update_persistence` for each changed
-        conversation; :obj:`None` (the conversation ended) deletes the row."""
-        namespace = _CONVERSATION_PREFIX + name
+        conversation; :obj:`None` (the conversation ended) deletes the row. A conversation
+        whose stored row could not be read is not written."""
+        tracker = self._conversation_tracker(name)
         row_key = json.dumps(list(key), separators=(",", ":"))
-        states = self._conversations.setdefault(name, {})
-        state = states.get(row_key)
+        tracker.check_writable(row_key)
         if new_state is None:
-            await self._submit(Write(namespace, row_key, None))
+            await self._submit(Write(tracker.namespace, row_key, None))
             return
         await self._write_if_changed(
-            namespace, row_key, storable_state(self.codec, new_state), state
+            tracker, row_key, storable_state(self.codec, new_state), tracker.get(row_key)
         )
 
-    async def _drop(self, kind: _Kind, item_id: int) -> None:
-        kind.forget(item_id)
-        await self._submit(Write(kind.name, str(item_id), None))
+    async def _drop(self, tracker: KeyTracker[int], item_id: int) -> None:
+        tracker.forget(item_id)
+        await self._submit(Write(tracker.namespace, str(item_id), None))
 
     async def drop_chat_data(self, chat_id: int) -> None:
         """Called by :meth:`~telegram.ext.Application.update_persistence` after
@@ -743,7 +869,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         try:
             if self._batch_task is not None:
                 await asyncio.shield(self._batch_task)
-            if self._pending:
+            if self._pending or self._touches:
                 errors, error = await self._run_batch()
                 error = error or next(iter(errors.values()), None)
                 if error is not None and self._pending:
@@ -767,73 +893,231 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
 
     # -- max_cached -----------------------------------------------------------------------
 
-    def _live(self, kind: _Kind) -> dict[int, Any]:
+    def _live(self, tracker: KeyTracker[int]) -> dict[int, Any]:
         assert self._app is not None
-        return cast(
-            "dict[int, Any]",
-            self._app._chat_data if kind is self._chats else self._app._user_data,
-        )
+        return _application_memory(self._app, tracker.namespace)[0]
 
-    def _evict(self, kind: _Kind, keep: int | None = None) -> None:
+    def _is_written(self, namespace: str, entry: TrackedKey, data: Any) -> bool:
+        """Whether ``data`` is what is stored (or is empty with nothing stored)."""
+        if entry.version is None and not data:
+            return True
+        try:
+            _, encoded = encode_value(self.codec, data, namespace, None)
+        except SerializationError:
+            return False
+        return entry.is_unchanged(hash(encoded))
+
+    def _evict(self, tracker: KeyTracker[int], keep: int | None = None) -> None:
         """Drop the least recently used ids from the application's memory, down to
-        ``max_cached``, if their data is written and unchanged since."""
+        ``max_cached``, if no running update uses them and their data is written and
+        unchanged since."""
         if self.max_cached is None or self._app is None:
             return
-        live = self._live(kind)
+        live, marked = _application_memory(self._app, tracker.namespace)
         excess = len(live) - self.max_cached
         if excess <= 0:
             return
-        marked = (
-            self._app._chat_ids_to_be_updated_in_persistence
-            if kind is self._chats
-            else self._app._user_ids_to_be_updated_in_persistence
-        )
-        for item_id in list(kind.loaded):
+        for item_id, entry in tracker.eviction_candidates():
             if excess <= 0:
                 break
-            if item_id == keep or item_id in marked or item_id in kind.loading:
+            if item_id == keep or item_id in marked:
                 continue
             data = live.get(item_id)
-            state = kind.state.get(item_id)
-            if data is None or data is not kind.loaded[item_id] or state is None:
+            if data is None or data is not entry.held:
                 continue
-            if (kind.name, str(item_id)) in self._pending:
-                continue
-            try:
-                _, encoded = encode_value(self.codec, data, kind.name, None)
-            except SerializationError:
-                continue
-            if state[0] is None and not data:
-                pass  # never stored and empty: nothing to lose
-            elif state[1] != hash(encoded):
+            if (tracker.namespace, str(item_id)) in self._pending or not self._is_written(
+                tracker.namespace, entry, data
+            ):
                 continue
             del live[item_id]
-            kind.forget(item_id)
+            tracker.forget(item_id)
             excess -= 1
         # ids PTB created but never refreshed (e.g. by looking one up) are not ours to keep
         for item_id in list(live):
             if excess <= 0:
                 break
-            if item_id not in kind.loaded and item_id not in marked and not live[item_id]:
+            if tracker.get(item_id) is None and item_id not in marked and not live[item_id]:
                 del live[item_id]
                 excess -= 1
 
     # -- chat migration -------------------------------------------------------------------
 
     async def migrate_chat(
-        self, old_chat_id: int, new_chat_id: int, *, prefixes: tuple[str, ...] = ("",)
+        self, old_chat_id: int, new_chat_id: int, *, prefixes: Iterable[str] = ("",)
     ) -> bool:
         """Move everything keyed by ``old_chat_id`` to ``new_chat_id`` in one transaction:
         PTB's chat_data and the session rows whose key (after one of ``prefixes``) is
         ``<old>``, ``<old>/<thread>`` or ``<user>/<old>``. Idempotent. If the new chat
-        already has data, nothing is overwritten: the old data stays and a warning is logged.
+        already has data (stored, or only in memory so far), nothing is overwritten: the old
+        data stays and a warning is logged. Called by
+        :class:`~ptb_sessions.ChatMigrationHandler`.
 
         Returns:
             Whether anything was moved.
         """
-        from ptb_sessions._chatmigration import migrate_chat
+        old, new = str(old_chat_id), str(new_chat_id)
+        async with self._migration_lock:
+            # Both chats' newest data goes to the database first: the move then takes all of
+            # the old chat's, and sees that the new chat has data of its own.
+            for chat_id in (old_chat_id, new_chat_id):
+                await self._write_held(chat_id)
+            moves = [("chat_data", old, new)]
+            for namespace in await self.database.namespaces():
+                if namespace in BUILTIN_NAMESPACES or namespace.startswith(_CONVERSATION_PREFIX):
+                    continue
+                keys = await self.database.keys_containing(namespace, old)
+                moves += _session_key_moves(namespace, keys, old, new, prefixes)
+            done, skipped = await self.database.move_keys(moves)
+            for namespace, old_key, new_key in skipped:
+                _LOGGER.warning(
+                    "Chat migration %s -> %s: %s[%r] was not moved because %r already has "
+                    "data; the old data stays under the old key",
+                    old,
+                    new,
+                    namespace,
+                    old_key,
+                    new_key,
+                )
+            if ("chat_data", old, new) in done:
+                self._moved_in_memory(old_chat_id, new_chat_id)
+            if done:
+                _LOGGER.info("Chat migration %s -> %s moved %d rows", old, new, len(done))
+            return bool(done)
 
-        return await migrate_chat(self, old_chat_id, new_chat_id, prefixes=prefixes)
+    async def _write_held(self, chat_id: int) -> None:
+        """Write the chat data the application holds for ``chat_id``, if it is ours and
+        changed."""
+        if self._app is None:
+            return
+        entry = self._chats.get(chat_id)
+        held = self._live(self._chats).get(chat_id)
+        if entry is None or entry.state is not KeyState.LOADED or held is None:
+            return
+        if held is entry.held:
+            await self._update(self._chats, chat_id, copy.deepcopy(held))
+
+    def _moved_in_memory(self, old_chat_id: int, new_chat_id: int) -> None:
+        """The old chat's row moved to the new chat: so does the data the application holds."""
+        self._chats.forget(old_chat_id)
+        self._chats.stale(new_chat_id)  # the next update of the new chat reads the moved row
+        if self._app is None:
+            return
+        live = self._live(self._chats)
+        held_old = live.pop(old_chat_id, None)
+        held_new = live.get(new_chat_id)
+        if held_new is not None:
+            if held_old:
+                held_new.update(held_old)  # in place: a running handler may hold this object
+        elif held_old is not None:
+            live[new_chat_id] = held_old
 
 
-_MISSING: Any = object()
+def _application_memory(
+    application: Application[Any, Any, Any, Any, Any, Any], namespace: str
+) -> tuple[dict[int, Any], set[int]]:
+    """The application's chat_data (or user_data) dict and the ids marked for its next
+    ``update_persistence`` run.
+
+    PTB offers no way to remove an id from memory without deleting its data (``drop_*``), nor
+    to see which ids are marked, so ``max_cached`` and the chat migration use the dicts behind
+    :attr:`~telegram.ext.Application.chat_data` / ``user_data``: this is the only place that
+    reaches into the application.
+    """
+    if namespace == "chat_data":
+        return application._chat_data, application._chat_ids_to_be_updated_in_persistence
+    return application._user_data, application._user_ids_to_be_updated_in_persistence
+
+
+def _conversation_key(namespace: str, key: str) -> tuple[int | str, ...]:
+    """The conversation key stored as ``key`` (a JSON list of ids and strings).
+
+    Raises:
+        StorageError: ``key`` is not such a list.
+    """
+    try:
+        parsed = json.loads(key)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, list) or not all(
+        isinstance(part, int | str) and not isinstance(part, bool) for part in parsed
+    ):
+        raise StorageError(
+            f"{namespace}[{key!r}] is not a conversation key (a JSON list of chat, user and "
+            "message ids)"
+        )
+    return tuple(parsed)
+
+
+def _check_hashable_state(namespace: str, key: str, state: object) -> None:
+    try:
+        hash(state)
+    except TypeError:
+        raise StorageError(
+            f"The stored row of {namespace}[{key!r}] holds a {type(state).__name__}, which "
+            "cannot be a conversation state (states are hashable)"
+        ) from None
+
+
+_CALLBACK_SHAPE = (
+    "PTB's callback data: [[keyboard id, access time, {button id: data}], ...] and "
+    "{callback query id: keyboard id}"
+)
+
+
+def _callback_data(value: Any) -> CDCData:
+    """The stored callback data as PTB's tuple.
+
+    Raises:
+        StorageError: ``value`` does not have the shape of PTB's callback data.
+    """
+    problem = None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        problem = f"a {type(value).__name__}, not a pair"
+    else:
+        keyboards, queries = value
+        if not isinstance(keyboards, list | tuple) or not all(
+            isinstance(entry, list | tuple)
+            and len(entry) == 3
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], int | float)
+            and isinstance(entry[2], dict)
+            for entry in keyboards
+        ):
+            problem = "its keyboards are not [keyboard id, access time, {button id: data}]"
+        elif not isinstance(queries, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in queries.items()
+        ):
+            problem = "its queries are not {callback query id: keyboard id}"
+    if problem is not None:
+        raise StorageError(
+            f"The stored row of callback_data[{_CALLBACK_KEY!r}] is not {_CALLBACK_SHAPE}: it "
+            f"is {problem}. Inspect it with `ptb-sessions show callback_data`"
+        )
+    keyboards, queries = value
+    return [cast("tuple[str, float, dict[str, Any]]", tuple(e)) for e in keyboards], dict(queries)
+
+
+def _session_key_moves(
+    namespace: str, keys: Iterable[str], old: str, new: str, prefixes: Iterable[str]
+) -> list[tuple[str, str, str]]:
+    """The renames of the session keys of ``old``: ``<p><old>``, ``<p><old>/<thread>`` and
+    ``<p><user>/<old>`` for each prefix ``p``."""
+    moves = []
+    patterns = [
+        re.compile(
+            rf"^(?P<p>{re.escape(prefix)})(?:(?P<chat>{re.escape(old)})(?P<thread>/\d+)?"
+            rf"|(?P<user>\d+)/{re.escape(old)})$"
+        )
+        for prefix in sorted({"", *prefixes}, key=len, reverse=True)
+    ]
+    for key in keys:
+        for pattern in patterns:
+            match = pattern.match(key)
+            if match is None:
+                continue
+            if match["chat"] is not None:
+                moves.append((namespace, key, f"{match['p']}{new}{match['thread'] or ''}"))
+            else:
+                moves.append((namespace, key, f"{match['p']}{match['user']}/{new}"))
+            break
+    return moves

@@ -121,3 +121,28 @@ async def test_existing_data_in_the_new_chat_is_never_overwritten(
     assert chats == {OLD: {"group": "data"}, NEW: {"already": "here"}}
     # The sessions moved: the new chat had none of its own.
     assert await sessions_after(db_url) == EXPECTED_SESSIONS
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+async def test_unsaved_data_of_the_new_chat_is_never_overwritten(
+    db_url: str, lazy: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    await prepare(db_url)
+    app, _ = app_for(db_url, lazy=lazy)
+
+    async def remember(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        context.chat_data["early"] = update.effective_message.text  # type: ignore[index,union-attr]
+
+    app.add_handler(MessageHandler(filters.TEXT, remember), group=1)
+    with caplog.at_level(logging.WARNING):
+        async with app:
+            # the supergroup gets a message before the old group's service message
+            await process(app, message_update(NEW, "first", user_id=USER))
+            await process(app, *migrate_updates(OLD, NEW, user_id=USER))
+            await process(app, message_update(NEW, "peek", user_id=USER))
+            assert app.chat_data[NEW] == {"early": "peek"}
+    assert any("already has data" in r.getMessage() for r in caplog.records)
+    check: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    chats = await check.get_chat_data()
+    await check.flush()
+    assert chats == {OLD: {"group": "data"}, NEW: {"early": "peek"}}

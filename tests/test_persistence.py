@@ -34,6 +34,7 @@ from ptb_sessions import (
 )
 from ptb_sessions._alembic import head_revision
 from ptb_sessions._schema import StoredRow
+from ptb_sessions._store import Write
 
 TABLE = StoredRow.__table__
 RICH_VALUE = {
@@ -392,3 +393,115 @@ async def test_password_never_shown_when_the_server_is_down() -> None:
     assert "s3cret" not in str(info.value) and "***" in str(info.value)
     assert "s3cret" not in repr(persistence)
     await persistence.flush()
+
+
+# -- 7. unreadable and malformed conversation and callback rows --------------------------------
+
+
+async def put_rows(url: str, *writes: Write) -> None:
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(url)
+    try:
+        await persistence.get_chat_data()  # creates the schema
+        assert await persistence.database.apply(writes) == {}
+    finally:
+        await persistence.flush()
+
+
+async def stored_record(url: str, namespace: str, key: str) -> Any:
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(url)
+    try:
+        return await persistence.database.get(namespace, key)
+    finally:
+        await persistence.flush()
+
+
+async def test_an_unreadable_conversation_row_is_never_overwritten(db_url: str) -> None:
+    app, _ = restart_app(db_url)
+    async with app:
+        await process(app, message_update(7, "/start"))
+    corrupter: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    async with corrupter.database.connect("corrupting") as connection:
+        await connection.execute(
+            update(TABLE).where(TABLE.c.namespace == "conversation:quiz").values(data="{")
+        )
+    await corrupter.flush()
+    before = await stored_record(db_url, "conversation:quiz", "[7,7]")
+    app2, _ = restart_app(db_url)
+    errors = errors_of(app2)
+    async with app2:
+        assert app2.handlers[0][0]._conversations == {}
+        await process(app2, message_update(7, "/start"))  # starts it again, in memory
+        await app2.update_persistence()
+        await asyncio.sleep(0.05)
+    assert any("conversation:quiz['[7,7]']" in str(e) for e in errors), errors
+    assert all(isinstance(e, StorageError) for e in errors), errors
+    after = await stored_record(db_url, "conversation:quiz", "[7,7]")
+    assert after == before and after.data == "{"
+
+
+async def test_malformed_conversation_rows_are_skipped_naming_their_key(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await put_rows(
+        db_url,
+        Write("conversation:quiz", "[1,1]", "0", expected_version=None),  # good: ASK
+        Write("conversation:quiz", "5", "0", expected_version=None),  # a key that is no list
+        Write("conversation:quiz", '[2,{"a":1}]', "0", expected_version=None),  # no id
+        Write("conversation:quiz", "[3,3]", '{"a":[1]}', expected_version=None),  # unhashable
+    )
+    app, _ = restart_app(db_url)
+    with caplog.at_level(logging.ERROR):
+        async with app:
+            assert app.handlers[0][0]._conversations == {(1, 1): ASK}
+            await app.update_persistence()
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    for key in ("'5'", """'[2,{"a":1}]'""", "'[3,3]'"):
+        assert any(f"conversation:quiz[{key}]" in m for m in logged), (key, logged)
+    assert (await stored_record(db_url, "conversation:quiz", "5")).data == "0"
+    assert (await stored_record(db_url, "conversation:quiz", "[3,3]")).data == '{"a":[1]}'
+
+
+@pytest.mark.parametrize("data", ["[1,2,3]", '{"a":1}', "[[1],{}]", '[[["k",1.5,{}]],[]]'])
+async def test_callback_data_of_the_wrong_shape_names_the_command_to_inspect_it(
+    db_url: str, data: str
+) -> None:
+    await put_rows(db_url, Write("callback_data", "callback_data", data, expected_version=None))
+    app, _ = restart_app(db_url)
+    with pytest.raises(StorageError) as info:
+        await app.initialize()
+    message = str(info.value)
+    assert "callback_data['callback_data']" in message, message
+    assert "ptb-sessions show callback_data" in message, message
+    await app.persistence.flush()  # type: ignore[union-attr]
+    assert (await stored_record(db_url, "callback_data", "callback_data")).data == data
+
+
+async def test_bot_data_changed_by_another_process_is_read_again_after_the_conflict(
+    db_url: str,
+) -> None:
+    first: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    second: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    apps = [builder().persistence(p).build() for p in (first, second)]
+    errors = [errors_of(app) for app in apps]
+
+    async def count(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        context.bot_data["n"] = context.bot_data.get("n", 0) + 1
+
+    for app in apps:
+        app.add_handler(MessageHandler(filters.ALL, count))
+    async with apps[0], apps[1]:
+        await process(apps[0], message_update(1))
+        await apps[0].update_persistence()
+        await process(apps[1], message_update(2))  # started before it saw the first's write
+        await apps[1].update_persistence()
+        await asyncio.sleep(0.05)
+        assert errors[0] == [] and len(errors[1]) == 1, errors
+        assert "bot_data['bot']" in str(errors[1][0])
+        await process(apps[1], message_update(2))  # reads bot_data again, then counts
+        assert apps[1].bot_data == {"n": 2}
+        await apps[1].update_persistence()
+        await asyncio.sleep(0.05)
+    assert len(errors[1]) == 1, errors
+    check: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    assert await check.get_bot_data() == {"n": 2}
+    await check.flush()
