@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ptb_sessions import _alembic
 from ptb_sessions._errors import ConflictError, SchemaError, StorageError
 from ptb_sessions._schema import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, StoredRow
-from ptb_sessions._url import mask_url, to_async_url
+from ptb_sessions._url import mask_secrets, mask_url, to_async_url
 from ptb_sessions.storage._base import conflict_error
 
 __all__ = ["ANY_VERSION", "Database", "Record", "Write"]
@@ -212,9 +212,7 @@ class Database:
             return exc
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         reason = detail[0] if detail else type(exc).__name__
-        url = self._url
-        if url.password:
-            reason = reason.replace(str(url.password), "***")
+        reason = mask_secrets(reason, self._url)
         return StorageError(f"{what} failed on {self.masked_url}: {type(exc).__name__}: {reason}")
 
     @staticmethod
@@ -243,7 +241,7 @@ class Database:
                 return
             head = _alembic.head_revision()
             try:
-                current = await _alembic.current_revision(self.engine)
+                current = await _alembic.checked_revision(self.engine, create=self.auto_upgrade)
                 if current != head and self.auto_upgrade:
                     async with self._schema_lock():
                         # Another process may have upgraded while this one waited.
