@@ -479,7 +479,8 @@ async def _load_pickle(path: Path, paths: Sequence[Path]) -> dict[str, Any]:
                 "bot_data": await source.get_bot_data(),
                 "callback_data": await source.get_callback_data(),
             }
-            await source.get_conversations("")
+            if not single_file:  # a single file holds them (None if never loaded)
+                await source.get_conversations("")
     except TypeError as exc:  # how PicklePersistence reports unreadable files
         cause = exc.__cause__
         if cause is None or isinstance(cause, pickle.UnpicklingError | EOFError):

@@ -33,6 +33,7 @@ from telegram.ext import (
     ContextTypes,
     ConversationHandler,
     MessageHandler,
+    ExtBot,
     PicklePersistence,
     filters,
 )
@@ -1139,3 +1140,94 @@ def test_a_server_that_never_answers_gives_one_line_within_timeout(
     assert_one_error_line(code, err, "did not answer within 0.5 s (--timeout)", "***")
     assert out == ""
     assert "s3cr3t-pw" not in err
+
+
+_CART_MODULE = """
+class Cart:
+    def __init__(self, items):
+        self.items = items
+
+    def __eq__(self, other):
+        return isinstance(other, Cart) and other.items == self.items
+"""
+
+
+def _pickle_with(path: Path, value: Any) -> None:
+    async def write() -> None:
+        persistence: PicklePersistence[Any, Any, Any] = PicklePersistence(path)
+        persistence.set_bot(ExtBot("123:placeholder"))
+        # what Application.initialize loads
+        await persistence.get_user_data()
+        await persistence.get_chat_data()
+        await persistence.get_bot_data()
+        await persistence.get_callback_data()
+        await persistence.update_chat_data(5, {"cart": value})
+        await persistence.flush()
+
+    asyncio.run(write())
+
+
+def test_import_pickle_finds_classes_only_through_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    modules = tmp_path / "botmodules"
+    modules.mkdir()
+    (modules / "ptbs_cartmod.py").write_text(_CART_MODULE, encoding="utf-8")
+    # the current directory holds the module too: it must not be searched
+    (tmp_path / "ptbs_cartmod.py").write_text(_CART_MODULE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(modules))
+    import ptbs_cartmod  # type: ignore[import-not-found]
+
+    path = tmp_path / "bot.pickle"
+    _pickle_with(path, ptbs_cartmod.Cart([1, 2]))
+    monkeypatch.delitem(sys.modules, "ptbs_cartmod")
+    sys.path.remove(str(modules))
+    url = f"sqlite:///{tmp_path / 'bot.sqlite3'}"
+
+    code, _, err = cli(capsys, "--url", url, "import-pickle", str(path), "--codec", "pickle")
+    assert_one_error_line(code, err, "'ptbs_cartmod'", "cannot be imported", "--path DIR")
+    assert not (tmp_path / "bot.sqlite3").exists()
+    code, _, err = cli(
+        capsys, "--url", url, "import-pickle", str(path), "--codec", "pickle", "--path", "nowhere"
+    )
+    assert_one_error_line(code, err, "--path", "nowhere", "not a directory")
+
+    code, out, err = cli(
+        capsys,
+        "--url",
+        url,
+        "import-pickle",
+        str(path),
+        "--codec",
+        "pickle",
+        "--path",
+        str(modules),
+    )
+    assert (code, err) == (0, ""), err
+    assert str(modules) not in sys.path  # only while reading the file
+    code, out, _ = cli(capsys, "--url", url, "show", "chat_data", "5", "--allow-pickle")
+    assert code == 0
+    assert "Cart object" in out
+
+
+def test_import_pickle_of_classes_from_the_bots_main_says_how_to_fix_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main_module = sys.modules["__main__"]
+    cart = type("BotMainCart", (), {"__module__": "__main__"})
+    monkeypatch.setattr(main_module, "BotMainCart", cart, raising=False)
+    path = tmp_path / "bot.pickle"
+    _pickle_with(path, cart())
+    monkeypatch.delattr(main_module, "BotMainCart")
+    code, _, err = cli(capsys, "import-pickle", str(path), "--codec", "pickle")
+    assert_one_error_line(
+        code, err, "BotMainCart", "__main__", "into a module of their own", "--path DIR"
+    )
+
+
+def test_import_pickle_help_warns_that_it_runs_code(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "import-pickle", "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "WARNING: reading a pickle file runs any code it holds" in flat
+    assert "--path DIR" in flat
