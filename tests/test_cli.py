@@ -32,8 +32,8 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
     ConversationHandler,
-    MessageHandler,
     ExtBot,
+    MessageHandler,
     PicklePersistence,
     filters,
 )
