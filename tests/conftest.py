@@ -42,9 +42,7 @@ SERVER_ROOTS = {
 #: The name of the database this test process owns on each server.
 TEST_DATABASE = f"ptbs_test_{secrets.token_hex(5)}"
 SERVER_URLS = {
-    backend: make_url(root)
-    .set(database=TEST_DATABASE)
-    .render_as_string(hide_password=False)
+    backend: make_url(root).set(database=TEST_DATABASE).render_as_string(hide_password=False)
     for backend, root in SERVER_ROOTS.items()
 }
 BACKENDS = ["sqlite", "postgresql", "mariadb"]

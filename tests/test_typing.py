@@ -25,7 +25,7 @@ def _readme_block(title: str) -> str:
     return "\n".join(lines).strip() + "\n"
 
 
-BOT = '''
+BOT = """
 TOKEN = "123:placeholder"
 {quick_start}
 reveal_type(persistence)
@@ -47,7 +47,7 @@ typed_application = (
     ApplicationBuilder().token(TOKEN).persistence(typed).context_types(context_types).build()
 )
 reveal_type(typed_application.chat_data)
-'''
+"""
 
 
 def test_mypy_strict_accepts_the_readme_quick_start_and_infers_the_types(tmp_path: Path) -> None:
