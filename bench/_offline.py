@@ -36,14 +36,19 @@ _DATE = dtm.datetime(2026, 1, 1, tzinfo=dtm.timezone.utc)
 CHAT_ID_BASE = 1_000_000_000
 
 BACKENDS = ("sqlite", "postgresql", "mariadb")
+#: The benchmarks' own database on each server, created if missing: the benchmarks drop and
+#: create tables there, and never touch another database.
+BENCH_DATABASE = "ptbs_bench"
 SERVER_URLS = {
     "postgresql": os.environ.get(
-        "PTB_SESSIONS_BENCH_POSTGRESQL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+        "PTB_SESSIONS_BENCH_POSTGRESQL",
+        f"postgresql+asyncpg://postgres@127.0.0.1:5432/{BENCH_DATABASE}",
     ),
     "mariadb": os.environ.get(
-        "PTB_SESSIONS_BENCH_MARIADB", "mysql+asyncmy://root@127.0.0.1:3306/test"
+        "PTB_SESSIONS_BENCH_MARIADB", f"mysql+asyncmy://root@127.0.0.1:3306/{BENCH_DATABASE}"
     ),
 }
+_SERVER_DATABASES = {"postgresql": "postgres", "mariadb": "mysql"}
 TABLES = ("ptb_sessions_data", "ptb_sessions_alembic_version")
 
 # MariaDB notes (e.g. "Unknown table" on DROP TABLE IF EXISTS) are logged by the driver.
@@ -125,11 +130,37 @@ async def reset_database(url: str) -> None:
         await engine.dispose()
 
 
+async def create_database(backend: str) -> None:
+    """Create the benchmarks' database on ``backend``'s server if it does not exist."""
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from sqlalchemy.pool import NullPool
+
+    url = make_url(SERVER_URLS[backend])
+    server = url.set(database=_SERVER_DATABASES[backend])
+    engine = create_async_engine(server, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            if backend == "postgresql":
+                exists = await conn.scalar(
+                    text("SELECT 1 FROM pg_database WHERE datname = :name"),
+                    {"name": url.database},
+                )
+                if not exists:
+                    await conn.execute(text(f'CREATE DATABASE "{url.database}"'))
+            else:
+                await conn.execute(text(f"CREATE DATABASE IF NOT EXISTS `{url.database}`"))
+    finally:
+        await engine.dispose()
+
+
 async def reachable(backend: str) -> str | None:
     """``None`` if ``backend`` can be used, else why not."""
     if backend == "sqlite":
         return None
     try:
+        await asyncio.wait_for(create_database(backend), 15)
         await asyncio.wait_for(reset_database(SERVER_URLS[backend]), 15)
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ptb_sessions import _alembic
 from ptb_sessions._schema import StoredRow
-from ptb_sessions._store import Database
+from ptb_sessions._store import DEFAULT_TIMEOUT, Database
 from ptb_sessions._url import sqlite_path
 
 __all__ = [
@@ -46,8 +46,6 @@ __all__ = [
 
 _T = TypeVar("_T")
 PROG: Final = "ptb-sessions"
-#: Seconds a command waits for any one database call unless ``--timeout`` says otherwise.
-DEFAULT_TIMEOUT: Final = 30.0
 _TABLE = cast(Table, StoredRow.__table__)
 # C0 and C1 control characters, DEL, and the bidirectional controls that reorder what a
 # terminal shows.
@@ -105,7 +103,7 @@ class Deadline:
             return await asyncio.wait_for(call, self.seconds)
         except asyncio.TimeoutError:
             raise CLIError(
-                f"{what}: {self.where} did not answer within {self.seconds:g} s (--timeout)"
+                f"{what} failed on {self.where}: no answer within {self.seconds:g} s (--timeout)"
             ) from None
 
 
@@ -138,7 +136,7 @@ def progress_bar() -> Progress:
     )
 
 
-def open_database(url: URL, *, create: bool) -> Database:
+def open_database(url: URL, *, create: bool, timeout: float = DEFAULT_TIMEOUT) -> Database:
     """A :class:`~ptb_sessions._store.Database` on ``url``.
 
     Args:
@@ -146,11 +144,12 @@ def open_database(url: URL, *, create: bool) -> Database:
         create: Whether the command may create the database (and its schema). If not, the
             database must already be migrated to head (checked by :func:`require_head`) and
             a missing SQLite file is an error rather than created empty.
+        timeout: Seconds any one database call may take (``--timeout``).
 
     Raises:
         CLIError: ``create`` is false and the SQLite file does not exist.
     """
-    database = Database(url, auto_upgrade=create)
+    database = Database(url, auto_upgrade=create, timeout=timeout)
     path = sqlite_path(url)
     if not create and path is not None and not path.exists():
         raise CLIError(

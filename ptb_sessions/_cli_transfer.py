@@ -550,7 +550,9 @@ async def import_pickle(
     data = await _load_pickle(path, paths)
     codec: Codec = PickleCodec() if codec_name == "pickle" else JSONCodec()
     _check_encodable(codec, data)
-    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url, codec=codec)
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+        url, codec=codec, timeout=deadline.seconds
+    )
     database = persistence.database
     try:
         if not replace:

@@ -19,7 +19,15 @@ from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 from ptb_sessions._codec import Codec, JSONCodec
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
 from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
-from ptb_sessions._store import ANY_VERSION, Database, Record, Write, check_key
+from ptb_sessions._store import (
+    ANY_VERSION,
+    DEFAULT_TIMEOUT,
+    Database,
+    PendingWrites,
+    Record,
+    Write,
+    check_key,
+)
 from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
 
@@ -105,6 +113,8 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         clock: Seconds since the epoch; injected in tests.
         max_value_size: The largest encoded value in bytes (default 1 MiB); larger ones are
             rejected with :class:`~ptb_sessions.SerializationError`. :obj:`None`: no limit.
+        timeout: Seconds any one database call may take (default 30); a server that stops
+            answering gives :class:`~ptb_sessions.StorageError` naming the key.
     """
 
     __slots__ = (
@@ -145,6 +155,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         context_types: None = None,
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None: ...
 
     @overload
@@ -163,6 +174,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         context_types: ContextTypes[Any, UD, CD, BD],
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None: ...
 
     def __init__(
@@ -180,6 +192,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         context_types: ContextTypes[Any, UD, CD, BD] | None = None,
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         super().__init__(store_data=store_data, update_interval=update_interval)
         if max_cached is not None:
@@ -187,7 +200,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 raise ValueError("max_cached needs lazy=True: eager loading keeps every chat")
             if max_cached < 1:
                 raise ValueError(f"max_cached must be at least 1, not {max_cached}")
-        self.database = Database(url, auto_upgrade=auto_upgrade, clock=clock)
+        self.database = Database(url, auto_upgrade=auto_upgrade, clock=clock, timeout=timeout)
         self.lazy = lazy
         self.max_cached = max_cached
         self._ttl = normalize_ttl(ttl)
@@ -203,7 +216,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         self._bot_state: tuple[int | None, int | None] | None = None
         self._callback_state: tuple[int | None, int | None] | None = None
         self._conversations: dict[str, dict[str, tuple[int | None, int | None]]] = {}
-        self._pending: dict[tuple[str, str], Write] = {}
+        self._pending = PendingWrites()
         self._write_lock = asyncio.Lock()
         self._migration_lock = asyncio.Lock()
         self._batch_task: (
@@ -492,7 +505,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         errors, so ``update_persistence`` returns once the batch is written and the
         application's error handler hears of a failure once; the others return at once.
         """
-        self._pending[(write.namespace, write.key)] = write
+        self._pending.put(write)
         if self._batch_task is not None:
             return
         task = self._batch_task = asyncio.create_task(self._run_batch())
@@ -514,14 +527,13 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     async def _run_batch(self) -> tuple[dict[tuple[str, str], StorageError], StorageError | None]:
         await asyncio.sleep(0)  # let every update_* call of this run join
         self._batch_task = None
-        writes = list(self._pending.values())
-        self._pending.clear()
+        writes = self._pending.take()
         try:
             async with self._write_lock:
                 errors = await self.database.apply(writes)
         except StorageError as exc:
             for write in writes:  # kept, and retried at the next run and at flush()
-                self._pending.setdefault((write.namespace, write.key), write)
+                self._pending.keep(write)
             _LOGGER.error("%d writes are kept for the next try: %s", len(writes), exc)
             return {}, exc
         for write in writes:
@@ -547,7 +559,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             return
         if error is not None:
             # Rejected by the database for this key only: keep it for the next try.
-            self._pending.setdefault((write.namespace, write.key), write)
+            self._pending.keep(write)
             return
         if kind is not None:
             item_id = int(write.key)

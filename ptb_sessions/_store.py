@@ -4,50 +4,61 @@
 Nothing here knows about PTB or about codecs beyond the text stored in a row: callers encode
 values and compare encodings; this module reads and writes rows, checks row versions and turns
 database failures into :class:`~ptb_sessions.StorageError` with the URL's password masked.
+
+Versions: every write carries the version it stores, drawn at random when the write is made
+and kept when it is tried again. A write applies if the stored row is at the version its
+writer read; if the row is at the version the write itself carries (or one of the writes it
+replaced carried), an earlier attempt committed and only its reply was lost, and the write
+counts as done. A new row is inserted only if it still does not exist.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import functools
 import logging
 import secrets
-import sqlite3
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
-from sqlalchemy import Integer, String, Table, any_, bindparam, delete, event, select, text, update
-from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy import Table, bindparam, case, create_engine, delete, func, select, text, update
+from sqlalchemy.engine import URL, Connection, Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ptb_sessions import _alembic
+from ptb_sessions._dialects import AUTOCOMMIT_OPTION, Dialect, dialect_for
 from ptb_sessions._errors import ConflictError, SchemaError, StorageError
 from ptb_sessions._schema import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, StoredRow
 from ptb_sessions._url import mask_secrets, mask_url, to_async_url
-from ptb_sessions.storage._base import conflict_error
 
-__all__ = ["ANY_VERSION", "Database", "Record", "Write"]
+__all__ = ["ANY_VERSION", "DEFAULT_TIMEOUT", "Database", "PendingWrites", "Record", "Write"]
 
 _LOGGER = logging.getLogger(__name__)
 _TABLE: Table = cast(Table, StoredRow.__table__)
 _C = _TABLE.c
+_T = TypeVar("_T")
 
 #: ``Write.expected_version`` that skips the version check (a blind write).
 ANY_VERSION: Final = -1
-#: The PostgreSQL advisory lock id of schema upgrades ("ptbs" in ASCII).
-_SCHEMA_LOCK_ID: Final = 0x70746273
-_PG_LOCK_SCHEMA = text("SELECT pg_advisory_lock(:id)")
-_PG_UNLOCK_SCHEMA = text("SELECT pg_advisory_unlock(:id)")
+#: Seconds any one database call may take.
+DEFAULT_TIMEOUT: Final = 30.0
 #: How often a transaction that lost a deadlock to another process is tried again.
 _DEADLOCK_RETRIES: Final = 5
 #: How many keys go into one ``IN (...)`` list.
 _CHUNK: Final = 500
+
+
+def new_version() -> int:
+    """A row version: random, so that no two writes store the same one (a key deleted and
+    written again never shows another writer its old version, and a write recognises its own
+    commit)."""
+    return secrets.randbelow((1 << 31) - 2) + 1
 
 
 @dataclass(slots=True, frozen=True)
@@ -62,12 +73,20 @@ class Record:
     expires_at: float | None
 
 
+class _Verdict(enum.Enum):
+    APPLY = "apply"
+    DONE = "done"  # an earlier attempt of this write committed
+    CONFLICT = "conflict"
+
+
 @dataclass(slots=True)
 class Write:
     """One pending change of a row.
 
     ``data`` is :obj:`None` to delete the row. ``expected_version`` is the version the writer
-    read (:obj:`None`: the writer saw no row; :data:`ANY_VERSION`: no check).
+    read (:obj:`None`: the writer saw no row; :data:`ANY_VERSION`: no check). ``version`` is
+    the version this write stores; ``own_versions`` those of earlier writes of the same key
+    that this one replaced before they were acknowledged (see :meth:`replacing`).
     """
 
     namespace: str
@@ -77,8 +96,161 @@ class Write:
     expected_version: int | None = ANY_VERSION
     data_version: float | None = None
     expires_at: float | None = None
-    #: Filled in by :meth:`Database.apply`: the version now stored (:obj:`None` if deleted).
-    new_version: int | None = field(default=None, compare=False)
+    version: int = field(default_factory=new_version, compare=False)
+    own_versions: frozenset[int] = field(default=frozenset(), compare=False)
+
+    @property
+    def where(self) -> tuple[str, str]:
+        """``(namespace, key)``."""
+        return self.namespace, self.key
+
+    @property
+    def new_version(self) -> int | None:
+        """The version stored once this write is applied (:obj:`None` for a delete)."""
+        return None if self.data is None else self.version
+
+    def replacing(self, earlier: Write | None) -> Write:
+        """This write, as the successor of ``earlier``, a write of the same key that was not
+        acknowledged (it failed, or its reply was lost): a row at one of its versions was
+        written by this writer, not by another."""
+        if earlier is None:
+            return self
+        self.own_versions = earlier.own_versions | {earlier.version}
+        return self
+
+    def verdict(self, stored: int | None) -> _Verdict:
+        """Whether this write applies to a row stored at version ``stored`` (:obj:`None`: no
+        row), is already done, or conflicts."""
+        if stored is not None and stored == self.version:
+            return _Verdict.DONE  # an earlier attempt of this very write committed
+        if stored in self.own_versions or self.expected_version in (ANY_VERSION, stored):
+            return _Verdict.APPLY  # the row is as this writer last left it
+        if stored is None and self.data is None:
+            return _Verdict.DONE  # the row to delete is gone already
+        return _Verdict.CONFLICT
+
+    def conflict(self, stored: int | None) -> ConflictError:
+        """The error of this write when the row is at ``stored``."""
+        found = "no row" if stored is None else f"version {stored}"
+        read = "no row" if self.expected_version is None else f"version {self.expected_version}"
+        return ConflictError(
+            f"{self.namespace}[{self.key!r}] was changed by another writer since it was read "
+            f"(stored: {found}; read: {read}); this write was dropped and nothing was "
+            "overwritten"
+        )
+
+    def row(self, now: float) -> dict[str, Any]:
+        """The row's columns, for the batch statements."""
+        return {
+            "namespace": self.namespace,
+            "key": self.key,
+            "codec": self.codec,
+            "data": self.data,
+            "version": self.version,
+            "data_version": self.data_version,
+            "touched_at": now,
+            "expires_at": self.expires_at,
+        }
+
+    def params(self, now: float) -> dict[str, Any]:
+        """The parameters of the single-row statements."""
+        return {
+            "ns": self.namespace,
+            "k": self.key,
+            "codec": self.codec,
+            "data": self.data,
+            "version": self.version,
+            "data_version": self.data_version,
+            "touched_at": now,
+            "expires_at": self.expires_at,
+            "expected": self.expected_version,
+        }
+
+    def execute_single(
+        self, connection: Connection, statements: _Statements, params: dict[str, Any]
+    ) -> bool:
+        """Run this write as one statement that checks the version itself. Whether it
+        changed the row (if not, the stored version tells why)."""
+        expected = self.expected_version
+        if self.data is None:
+            if expected is None:
+                return False  # nothing to delete, if the row is still absent
+            if expected == ANY_VERSION:
+                connection.execute(_DELETE_ONE, params)
+                return True
+            return bool((connection.execute(_DELETE_IF_VERSION, params)).rowcount)
+        if expected is None:
+            result = connection.execute(statements.insert_one, params)
+            return result.first() is not None
+        if expected == ANY_VERSION:
+            connection.execute(statements.upsert_one, params)
+            return True
+        result = connection.execute(_UPDATE_IF_VERSION, params)
+        return bool(result.rowcount)
+
+
+@dataclass(slots=True, frozen=True)
+class _Statements:
+    """The writes of one dialect, built once (SQLAlchemy caches their compiled form)."""
+
+    upsert_many: Any
+    insert_many: Any
+    upsert_one: Any
+    insert_one: Any
+
+    @staticmethod
+    def of(dialect: Dialect) -> _Statements:
+        statements = _STATEMENTS.get(dialect.name)
+        if statements is None:
+            statements = _STATEMENTS[dialect.name] = _Statements(
+                upsert_many=dialect.upsert(),
+                insert_many=dialect.insert_new(),
+                upsert_one=dialect.upsert().values(_INSERT_VALUES),
+                insert_one=dialect.insert_new().values(_INSERT_VALUES),
+            )
+        return statements
+
+
+_STATEMENTS: dict[str, _Statements] = {}
+
+
+class PendingWrites:
+    """Writes not yet acknowledged, at most one per key, in the order they were queued.
+
+    A newer write of a key replaces an older one and inherits its versions (see
+    :meth:`Write.replacing`), so a write whose commit reached the database but whose reply
+    was lost is recognised as this writer's own when the newer write is applied.
+    """
+
+    __slots__ = ("_writes",)
+
+    def __init__(self) -> None:
+        self._writes: dict[tuple[str, str], Write] = {}
+
+    def __len__(self) -> int:
+        return len(self._writes)
+
+    def __contains__(self, where: object) -> bool:
+        return where in self._writes
+
+    def put(self, write: Write) -> None:
+        """Queue ``write``, replacing an older write of its key."""
+        self._writes[write.where] = write.replacing(self._writes.pop(write.where, None))
+
+    def keep(self, write: Write) -> None:
+        """Queue ``write`` again after it failed, unless a newer write of its key was queued
+        meanwhile (which then inherits its versions)."""
+        newer = self._writes.get(write.where)
+        if newer is None:
+            self._writes[write.where] = write
+        else:
+            newer.own_versions |= write.own_versions | {write.version}
+
+    def take(self) -> list[Write]:
+        """Every queued write, removed from the queue."""
+        writes = list(self._writes.values())
+        self._writes.clear()
+        return writes
 
 
 def check_key(namespace: str, key: str) -> None:
@@ -110,8 +282,39 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
         yield items[start : start + size]
 
 
+def _keys_by_namespace(writes: Iterable[Write]) -> dict[str, list[str]]:
+    by_namespace: dict[str, list[str]] = {}
+    for write in writes:
+        by_namespace.setdefault(write.namespace, []).append(write.key)
+    return by_namespace
+
+
+def _fetch_all(statement: Any) -> Callable[[Connection], list[Any]]:
+    def fetch(connection: Connection) -> list[Any]:
+        return list(connection.execute(statement).all())
+
+    return fetch
+
+
+def _rowcount(statement: Any) -> Callable[[Connection], int]:
+    def count(connection: Connection) -> int:
+        return int(connection.execute(statement).rowcount or 0)
+
+    return count
+
+
+def _select_one(connection: Connection) -> None:
+    connection.execute(text("SELECT 1"))
+
+
 class Database:
-    """The table of ptb-sessions in one database.
+    """The table of ptb-sessions in one database: operations only.
+
+    Every statement runs through SQLAlchemy's execution layer inside :meth:`_run`, which gives
+    it a deadline (``timeout``), retries it once on a fresh connection when the pooled one
+    turns out dead (a server restart), and turns every driver error into a
+    :class:`~ptb_sessions.StorageError` with the URL's password masked. What differs between
+    backends comes from the URL's :class:`~ptb_sessions._dialects.Dialect`.
 
     Args:
         url: An SQLAlchemy URL (sync URLs are run on their asyncio driver) or an
@@ -121,20 +324,22 @@ class Database:
         auto_upgrade: Upgrade the schema to the newest revision on first use. If :obj:`False`,
             an outdated schema raises :class:`~ptb_sessions.SchemaError`.
         clock: Seconds since the epoch, for ``touched_at``.
+        timeout: Seconds any one database call may take before it fails with
+            :class:`~ptb_sessions.StorageError`.
     """
 
     __slots__ = (
+        "_dialect",
         "_engine",
-        "_fast_idle",
-        "_fast_slots",
         "_owns_engine",
         "_ready",
         "_ready_lock",
-        "_sqlite_driver",
+        "_route_",
+        "_statements",
         "_url",
         "auto_upgrade",
         "clock",
-        "fast_connections",
+        "timeout",
     )
 
     def __init__(
@@ -143,7 +348,10 @@ class Database:
         *,
         auto_upgrade: bool = True,
         clock: Callable[[], float] = time.time,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")
         if isinstance(url, AsyncEngine):
             self._engine: AsyncEngine | None = url
             self._url: URL = url.url
@@ -152,15 +360,14 @@ class Database:
             self._engine = None
             self._url = to_async_url(url)
             self._owns_engine = True
+        self._dialect = dialect_for(self._url.get_backend_name())
+        self._statements = _Statements.of(self._dialect)
+        self._route_: _Route | None = None
         self.auto_upgrade = auto_upgrade
         self.clock = clock
+        self.timeout = timeout
         self._ready = False
         self._ready_lock = asyncio.Lock()
-        #: How many connections are kept open for single-row reads and writes.
-        self.fast_connections = 1 if self.dialect == "sqlite" else 4
-        self._fast_idle: list[AsyncConnection] = []
-        self._sqlite_driver: Any = None
-        self._fast_slots: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:
         return f"Database({self.masked_url!r})"
@@ -177,53 +384,109 @@ class Database:
 
     @property
     def engine(self) -> AsyncEngine:
-        """The engine, created on first use."""
+        """The engine, created on first use (the schema upgrades run on it)."""
         if self._engine is None:
-            kwargs: dict[str, Any] = {}
-            if self.dialect == "sqlite":
-                kwargs["connect_args"] = {"timeout": 30}
-            else:
-                # No pre-ping (a round trip per checkout): a dropped connection fails its
-                # statement, is invalidated, and the next one is new.
-                kwargs["pool_recycle"] = 1800
-            self._engine = create_async_engine(self._url, **kwargs)
-            if self.dialect == "sqlite":
-                event.listen(self._engine.sync_engine, "connect", _sqlite_on_connect)
-                event.listen(self._engine.sync_engine, "begin", _sqlite_on_begin)
+            self._engine = create_async_engine(
+                self._url, **self._dialect.engine_options(self.timeout)
+            )
+            self._dialect.prepare_engine(self._engine.sync_engine)
         return self._engine
 
+    @property
+    def _route(self) -> _Route:
+        if self._route_ is None:
+            if self._owns_engine and self._dialect.threaded:
+                sync = create_engine(
+                    self._url.set(drivername=self._dialect.name),
+                    **self._dialect.engine_options(self.timeout),
+                )
+                self._dialect.prepare_engine(sync)
+                self._route_ = _ThreadRoute(sync)
+            elif self._owns_engine:
+                autocommit = create_async_engine(
+                    self._url,
+                    isolation_level="AUTOCOMMIT",
+                    execution_options={AUTOCOMMIT_OPTION: True},
+                    **self._dialect.engine_options(self.timeout),
+                )
+                self._route_ = _AsyncRoute(self.engine, autocommit, owned=True)
+            else:
+                # An engine passed in: its listeners and logging see every statement.
+                autocommit = self.engine.execution_options(
+                    isolation_level="AUTOCOMMIT", **{AUTOCOMMIT_OPTION: True}
+                )
+                self._route_ = _AsyncRoute(self.engine, autocommit, owned=False)
+        return self._route_
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        """The (sync) engines that run this database's reads and writes: attach event
+        listeners to these to see every statement."""
+        return self._route.engines
+
     async def dispose(self) -> None:
-        """Close the kept connections, and the engine's if the engine was created here."""
-        idle, self._fast_idle = self._fast_idle, []
-        self._fast_slots = None
-        self._sqlite_driver = None
-        for connection in idle:
-            with contextlib.suppress(Exception):
-                await connection.close()
+        """Close the pooled connections, if the engine was created here."""
+        route, self._route_ = self._route_, None
+        if route is not None:
+            await route.dispose()
         if self._owns_engine and self._engine is not None:
             engine, self._engine = self._engine, None
             await engine.dispose()
 
-    # -- errors ---------------------------------------------------------------------------
+    # -- running statements: deadlines, retries, errors ---------------------------------
 
     def error(self, exc: BaseException, what: str) -> StorageError:
         """A :class:`~ptb_sessions.StorageError` for ``exc`` raised while doing ``what``."""
         if isinstance(exc, StorageError):
             return exc
+        if isinstance(exc, asyncio.TimeoutError):
+            return StorageError(
+                f"{what} failed on {self.masked_url}: no answer within {self.timeout:g} s "
+                "(timeout)"
+            )
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         reason = detail[0] if detail else type(exc).__name__
         reason = mask_secrets(reason, self._url)
         return StorageError(f"{what} failed on {self.masked_url}: {type(exc).__name__}: {reason}")
 
-    @staticmethod
-    def is_connection_error(exc: BaseException) -> bool:
-        """Whether ``exc`` means the database is unreachable (rather than a row being bad)."""
-        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-            return True
-        if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
-            return True
-        name = type(getattr(exc, "orig", exc)).__name__
-        return "Connection" in name or "Interface" in name or "OperationalError" in name
+    def is_connection_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (or the error it wraps) means the connection or the server failed,
+        rather than a row being bad."""
+        return self._dialect.is_connection_error(exc.__cause__ or exc)
+
+    async def _run(
+        self,
+        what: str,
+        work: Callable[[Connection], _T],
+        *,
+        autocommit: bool = False,
+        read_only: bool = False,
+    ) -> _T:
+        """Run ``work`` on a connection: in a transaction committed at the end, or in
+        autocommit mode; within the deadline; once more on a fresh connection if the pooled
+        one was dead. Errors become :class:`~ptb_sessions.StorageError`."""
+        await self.ensure_schema()
+        for attempt in range(2):
+            try:
+                return await asyncio.wait_for(
+                    self._route.run(work, autocommit=autocommit, read_only=read_only),
+                    self.timeout,
+                )
+            except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+                dead = isinstance(exc, DBAPIError) and exc.connection_invalidated
+                if attempt == 0 and dead:
+                    _LOGGER.info("%s: a pooled connection was dead; trying a new one", what)
+                    continue
+                raise self.error(exc, what) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def reachable(self) -> bool:
+        """Whether a new connection to the database answers a trivial query."""
+        try:
+            await self._run("Checking the connection", _select_one, autocommit=True)
+        except StorageError:
+            return False
+        return True
 
     # -- schema -------------------------------------------------------------------------
 
@@ -239,26 +502,11 @@ class Database:
         async with self._ready_lock:
             if self._ready:
                 return
-            head = _alembic.head_revision()
             try:
-                current = await _alembic.checked_revision(self.engine, create=self.auto_upgrade)
-                if current != head and self.auto_upgrade:
-                    async with self._schema_lock():
-                        # Another process may have upgraded while this one waited.
-                        current = await _alembic.current_revision(self.engine)
-                        if current != head:
-                            _LOGGER.info(
-                                "Upgrading %s from revision %s to %s",
-                                self.masked_url,
-                                current,
-                                head,
-                            )
-                            await _alembic.upgrade(self.engine, head)
-                            current = await _alembic.current_revision(self.engine)
-            except SQLAlchemyError as exc:
+                current = await asyncio.wait_for(self._upgrade_if_allowed(), self.timeout * 10)
+            except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
                 raise self.error(exc, "Checking the database schema") from exc
-            except OSError as exc:
-                raise self.error(exc, "Checking the database schema") from exc
+            head = _alembic.head_revision()
             if current != head:
                 raise SchemaError(
                     f"The database {self.masked_url} is at schema revision "
@@ -269,36 +517,31 @@ class Database:
                 )
             self._ready = True
 
-    @contextlib.asynccontextmanager
-    async def _schema_lock(self) -> AsyncIterator[None]:
-        """Serialize schema upgrades across processes (PostgreSQL advisory lock, MariaDB/MySQL
-        ``GET_LOCK``), so two bots starting on an empty database do not both create it. On
-        SQLite the upgrade's own ``BEGIN IMMEDIATE`` transaction serializes them."""
-        if self.dialect == "sqlite":
-            yield
-            return
-        async with self.engine.connect() as connection:
-            if self.dialect == "postgresql":
-                await connection.execute(_PG_LOCK_SCHEMA, {"id": _SCHEMA_LOCK_ID})
-            else:
-                await connection.execute(text("SELECT GET_LOCK('ptb_sessions_schema', 300)"))
-            await connection.commit()
-            try:
-                yield
-            finally:
-                if self.dialect == "postgresql":
-                    await connection.execute(_PG_UNLOCK_SCHEMA, {"id": _SCHEMA_LOCK_ID})
-                else:
-                    await connection.execute(text("SELECT RELEASE_LOCK('ptb_sessions_schema')"))
-                await connection.commit()
+    async def _upgrade_if_allowed(self) -> str | None:
+        """The schema revision, after upgrading to head if ``auto_upgrade``."""
+        head = _alembic.head_revision()
+        current = await _alembic.checked_revision(self.engine, create=self.auto_upgrade)
+        if current == head or not self.auto_upgrade:
+            return current
+        async with self._dialect.schema_lock(self.engine):
+            # Another process may have upgraded while this one waited.
+            current = await _alembic.current_revision(self.engine)
+            if current != head:
+                _LOGGER.info("Upgrading %s from revision %s to %s", self.masked_url, current, head)
+                await _alembic.upgrade(self.engine, head)
+                current = await _alembic.current_revision(self.engine)
+        return current
 
     @contextlib.asynccontextmanager
     async def connect(
         self, what: str, *, read_only: bool = False
     ) -> AsyncIterator[AsyncConnection]:
         """A connection in a transaction, committed at the end; errors become StorageError.
-        On SQLite a write transaction takes the write lock at its start (``BEGIN IMMEDIATE``)
-        and a ``read_only`` one does not."""
+
+        For callers outside this module that run statements of their own (on their own
+        tables): the body gets no deadline and no retry (it is not a function that can be run
+        again); prefer :meth:`run`.
+        """
         await self.ensure_schema()
         try:
             async with self.engine.connect() as connection:
@@ -309,117 +552,46 @@ class Database:
         except (SQLAlchemyError, OSError) as exc:
             raise self.error(exc, what) from exc
 
-    @contextlib.asynccontextmanager
-    async def autocommit(self, what: str) -> AsyncIterator[AsyncConnection]:
-        """A connection without a transaction, for single statements (atomic by themselves):
-        one round trip each, no ``BEGIN``/``COMMIT``. Errors become StorageError.
-
-        These connections are kept open (at most :attr:`fast_connections`), so the hot path
-        of sessions pays no pool checkout and no reset; one that fails is closed.
-        """
-        await self.ensure_schema()
-        if self.dialect == "sqlite":
-            async with self._sqlite_autocommit(what) as shared:
-                yield shared
-            return
-        if self._fast_slots is None:
-            self._fast_slots = asyncio.Semaphore(self.fast_connections)
-        async with self._fast_slots:
-            connection: AsyncConnection | None = self._fast_idle.pop() if self._fast_idle else None
-            try:
-                if connection is None:
-                    connection = await self.engine.connect()
-                    await connection.execution_options(isolation_level="AUTOCOMMIT")
-                yield connection
-            except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.invalidate()
-                    connection = None
-                raise self.error(exc, what) from exc
-            except BaseException:
-                if connection is not None:
-                    with contextlib.suppress(Exception):
-                        await connection.close()
-                    connection = None
-                raise
-            finally:
-                if connection is not None:
-                    self._fast_idle.append(connection)
-
-    async def _run(
-        self, connection: AsyncConnection, statement: Any, params: dict[str, Any]
-    ) -> tuple[list[Any], int]:
-        """Execute one prebuilt statement: ``(rows, rowcount)``.
-
-        On SQLite it goes straight to the aiosqlite connection, compiled once: one trip to
-        the driver's thread instead of the four (cursor, execute, fetch, close) of SQLAlchemy's
-        adaptation, which is most of the cost of a session read or write there.
-        """
-        if self.dialect != "sqlite":
-            result = await connection.execute(statement, params)
-            rows: list[Any] = list(result.all()) if result.returns_rows else []
-            return rows, (len(rows) if result.returns_rows else result.rowcount)
-        sql, names, literals = _compiled_for_sqlite(statement)
-        args = tuple(params[name] if name in params else literals[name] for name in names)
-        driver = self._sqlite_driver  # the shared connection's (see _sqlite_autocommit)
-        assert driver is not None
-        if statement.is_select:
-            rows = list(await driver.execute_fetchall(sql, args))
-            return rows, len(rows)
-        cursor = await driver.execute(sql, args)
-        return [], cursor.rowcount
-
-    @contextlib.asynccontextmanager
-    async def _sqlite_autocommit(self, what: str) -> AsyncIterator[AsyncConnection]:
-        """One connection shared by every single-row statement at once: its statements go
-        straight to the driver (:meth:`_run`), whose thread runs them in turn, so concurrent
-        updates pipeline through it without waiting for each other's round trips."""
-        if not self._fast_idle:
-            async with self._ready_lock:
-                if not self._fast_idle:
-                    try:
-                        connection = await self.engine.connect()
-                        await connection.execution_options(isolation_level="AUTOCOMMIT")
-                    except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
-                        raise self.error(exc, what) from exc
-                    driver = (await connection.get_raw_connection()).driver_connection
-                    self._sqlite_driver = driver
-                    self._fast_idle.append(connection)
-        connection = self._fast_idle[0]
-        try:
-            yield connection
-        except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
-            if self._fast_idle and self._fast_idle[0] is connection:
-                self._fast_idle.clear()
-                self._sqlite_driver = None
-                with contextlib.suppress(Exception):
-                    await connection.invalidate()
-            raise self.error(exc, what) from exc
+    async def run(
+        self,
+        what: str,
+        work: Callable[[Connection], _T],
+        *,
+        read_only: bool = False,
+    ) -> _T:
+        """Run ``work(connection)``, a function of a sync
+        :class:`~sqlalchemy.engine.Connection`, in one transaction, with this database's
+        deadline, retry and error translation (see :meth:`_run`); it must be safe to run
+        twice (after a dead connection)."""
+        return await self._run(what, work, read_only=read_only)
 
     # -- reads --------------------------------------------------------------------------
 
     async def get(self, namespace: str, key: str) -> Record | None:
         """The row of ``key`` in ``namespace``, or :obj:`None`."""
-        async with self.autocommit(f"Reading {namespace}[{key!r}]") as connection:
-            rows, _ = await self._run(connection, _GET_ONE, {"ns": namespace, "k": key})
-        return Record(*rows[0]) if rows else None
+
+        def read(connection: Connection) -> Record | None:
+            row = (connection.execute(_GET_ONE, {"ns": namespace, "k": key})).first()
+            return None if row is None else Record(*row)
+
+        return await self._run(f"Reading {namespace}[{key!r}]", read, autocommit=True)
 
     async def get_many(self, namespace: str, keys: Sequence[str]) -> dict[str, Record]:
         """The rows of ``keys`` that exist in ``namespace``."""
-        found: dict[str, Record] = {}
-        async with self.connect(
-            f"Reading {len(keys)} keys of {namespace}", read_only=True
-        ) as connection:
+
+        def read(connection: Connection) -> dict[str, Record]:
+            found: dict[str, Record] = {}
             for chunk in _chunks(keys):
-                result = await connection.execute(
+                result = connection.execute(
                     select(_C.key, *_RECORD_COLUMNS).where(
-                        _C.namespace == namespace, self._key_in(chunk)
+                        _C.namespace == namespace, self._dialect.key_in(chunk)
                     )
                 )
                 for key, *rest in result:
                     found[key] = Record(*rest)
-        return found
+            return found
+
+        return await self._run(f"Reading {len(keys)} keys of {namespace}", read, read_only=True)
 
     async def scan(
         self, namespace: str, *, batch_size: int = 5000
@@ -432,8 +604,7 @@ class Database:
             if last is not None:
                 query = query.where(_C.key > last)
             query = query.order_by(_C.key).limit(batch_size)
-            async with self.connect(f"Reading {namespace}", read_only=True) as connection:
-                rows = (await connection.execute(query)).all()
+            rows = await self._run(f"Reading {namespace}", _fetch_all(query), read_only=True)
             for key, *rest in rows:
                 yield key, Record(*rest)
             if len(rows) < batch_size:
@@ -442,20 +613,23 @@ class Database:
 
     async def namespaces(self) -> list[str]:
         """Every namespace that has rows."""
-        async with self.connect("Listing namespaces") as connection:
-            result = await connection.execute(select(_C.namespace).distinct())
-            return sorted(row[0] for row in result)
+        rows = await self._run(
+            "Listing namespaces", _fetch_all(select(_C.namespace).distinct()), read_only=True
+        )
+        return sorted(row[0] for row in rows)
 
     # -- writes -------------------------------------------------------------------------
 
     async def apply(self, writes: Sequence[Write]) -> dict[tuple[str, str], StorageError]:
         """Apply ``writes`` in one transaction, checking row versions.
 
-        A write whose ``expected_version`` does not match the stored row is not applied and
-        gets a :class:`~ptb_sessions.ConflictError`; the others are applied. If the
-        transaction fails as a whole, the writes are retried one by one, each in its own
-        transaction, so a row the database rejects fails for its key only. Each applied write
-        gets its ``new_version``.
+        A write is applied if the stored row is at its ``expected_version`` (or at a version
+        one of its earlier, unacknowledged attempts wrote: then that attempt committed and its
+        reply was lost); else it gets a :class:`~ptb_sessions.ConflictError` and the others
+        are applied. If the transaction fails for another reason while the database is
+        reachable, the writes are applied one by one, each in its own transaction, so a row
+        the database rejects (whatever the failure looks like, even a dropped connection)
+        fails for its key only.
 
         Returns:
             The errors of the writes that were not applied, by ``(namespace, key)``.
@@ -466,289 +640,161 @@ class Database:
         if not writes:
             return {}
         try:
-            for attempt in range(_DEADLOCK_RETRIES):
-                try:
-                    async with self.connect(f"Writing {len(writes)} rows") as connection:
-                        return await self._apply(connection, writes)
-                except StorageError as exc:
-                    if attempt + 1 == _DEADLOCK_RETRIES or not _is_deadlock(exc.__cause__):
-                        raise
-                    await asyncio.sleep(0.01 * (attempt + 1))
+            return await self._apply_batch(writes)
         except StorageError as exc:
-            if len(writes) == 1 or self.is_connection_error(exc.__cause__ or exc):
-                if len(writes) == 1:
-                    return {(writes[0].namespace, writes[0].key): exc}
+            if self.is_connection_error(exc) and not await self.reachable():
                 raise
+            if len(writes) == 1:
+                return {writes[0].where: exc}
             _LOGGER.warning(
                 "A batch of %d writes failed (%s); retrying one by one", len(writes), exc
             )
         errors: dict[tuple[str, str], StorageError] = {}
         for write in writes:
             try:
-                async with self.connect(f"Writing {write.namespace}[{write.key!r}]") as connection:
-                    errors.update(await self._apply(connection, [write]))
+                errors.update(await self._apply_batch([write]))
             except StorageError as exc:
-                if self.is_connection_error(exc.__cause__ or exc):
+                if self.is_connection_error(exc) and not await self.reachable():
                     raise
-                errors[(write.namespace, write.key)] = exc
+                errors[write.where] = exc
         return errors
 
-    async def _apply(
-        self, connection: AsyncConnection, writes: Sequence[Write]
+    async def _apply_batch(self, writes: Sequence[Write]) -> dict[tuple[str, str], StorageError]:
+        """One transaction of ``writes`` (tried again if it lost a deadlock)."""
+        what = (
+            f"Writing {writes[0].namespace}[{writes[0].key!r}]"
+            if len(writes) == 1
+            else f"Writing {len(writes)} rows"
+        )
+        for attempt in range(_DEADLOCK_RETRIES):
+            try:
+                return await self._run(
+                    what, lambda connection: self._write_batch(connection, writes)
+                )
+            except StorageError as exc:
+                if attempt + 1 == _DEADLOCK_RETRIES or not self._dialect.is_deadlock(
+                    exc.__cause__ or exc
+                ):
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _write_batch(
+        self, connection: Connection, writes: Sequence[Write]
     ) -> dict[tuple[str, str], StorageError]:
         now = self.clock()
+        stored: dict[tuple[str, str], int] = {}
+        for namespace, keys in _keys_by_namespace(writes).items():
+            for chunk in _chunks(keys):
+                locked = self._dialect.lock_versions(connection, namespace, chunk)
+                stored.update(((namespace, key), version) for key, version in locked.items())
         errors: dict[tuple[str, str], StorageError] = {}
-        current = await self._lock_versions(connection, writes)
-        upserts: list[dict[str, Any]] = []
         deletes: dict[str, list[str]] = {}
+        inserts: list[dict[str, Any]] = []
+        upserts: list[dict[str, Any]] = []
         for write in writes:
-            where = (write.namespace, write.key)
-            stored = current.get(where)
-            expected = write.expected_version
-            if expected != ANY_VERSION and expected != stored:
-                errors[where] = ConflictError(
-                    f"{write.namespace}[{write.key!r}] was changed by another writer since it "
-                    f"was read (stored version {stored}, read version {expected}); this write "
-                    "was dropped and the key will be read again"
-                )
+            verdict = write.verdict(stored.get(write.where))
+            if verdict is _Verdict.CONFLICT:
+                errors[write.where] = write.conflict(stored.get(write.where))
+            elif verdict is _Verdict.DONE:
                 continue
-            if write.data is None:
-                if stored is not None:
-                    deletes.setdefault(write.namespace, []).append(write.key)
-                write.new_version = None
-                continue
-            write.new_version = new_version() if stored is None else stored + 1
-            upserts.append(
-                {
-                    "namespace": write.namespace,
-                    "key": write.key,
-                    "codec": write.codec,
-                    "data": write.data,
-                    "version": write.new_version,
-                    "data_version": write.data_version,
-                    "touched_at": now,
-                    "expires_at": write.expires_at,
-                }
-            )
-        if self.dialect == "sqlite":
-            await self._sqlite_write_many(connection, deletes, upserts)
-            return errors
+            elif write.data is None:
+                deletes.setdefault(write.namespace, []).append(write.key)
+            elif write.where in stored:
+                upserts.append(write.row(now))
+            else:
+                inserts.append(write.row(now))
         for namespace, keys in deletes.items():
             for chunk in _chunks(keys):
-                await connection.execute(
-                    delete(_TABLE).where(_C.namespace == namespace, self._key_in(chunk))
+                connection.execute(
+                    delete(_TABLE).where(_C.namespace == namespace, self._dialect.key_in(chunk))
                 )
         if upserts:
-            await connection.execute(self._upsert_statement(), upserts)
+            connection.execute(self._statements.upsert_many, upserts)
+        if inserts:
+            # Insert-only: a row that another writer created since our read (locking a row
+            # that does not exist yet locks nothing on PostgreSQL) is a conflict, not ours.
+            result = connection.execute(self._statements.insert_many, inserts)
+            inserted = {row[0] for row in result}
+            for row in inserts:
+                if row["key"] not in inserted:
+                    where = (row["namespace"], row["key"])
+                    errors[where] = ConflictError(
+                        f"{where[0]}[{where[1]!r}] was created by another writer since it was "
+                        "read; this write was dropped and the key will be read again"
+                    )
         return errors
 
-    @staticmethod
-    async def _sqlite_write_many(
-        connection: AsyncConnection, deletes: dict[str, list[str]], upserts: list[dict[str, Any]]
-    ) -> None:
-        """The deletes and upserts of a batch, each as one ``executemany`` on the driver: one
-        trip to its thread instead of SQLAlchemy's per-row parameter processing."""
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None
-        if deletes:
-            await driver.executemany(
-                _SQLITE_DELETE_MANY,
-                [(namespace, key) for namespace, keys in deletes.items() for key in keys],
-            )
-        if upserts:
-            await driver.executemany(
-                _SQLITE_UPSERT_MANY,
-                [
-                    (
-                        row["namespace"],
-                        row["key"],
-                        row["codec"],
-                        row["data"],
-                        row["version"],
-                        row["data_version"],
-                        row["touched_at"],
-                        row["expires_at"],
-                    )
-                    for row in upserts
-                ],
-            )
-
-    async def _lock_versions(
-        self, connection: AsyncConnection, writes: Sequence[Write]
-    ) -> dict[tuple[str, str], int]:
-        """The stored versions of the rows of ``writes``, locked for update (SQLite: the whole
-        database is, by ``BEGIN IMMEDIATE``)."""
-        by_namespace: dict[str, list[str]] = {}
-        for write in writes:
-            by_namespace.setdefault(write.namespace, []).append(write.key)
-        versions: dict[tuple[str, str], int] = {}
-        if self.dialect == "sqlite":
-            driver = (await connection.get_raw_connection()).driver_connection
-            assert driver is not None
-            for namespace, keys in by_namespace.items():
-                for chunk in _chunks(keys):
-                    placeholders = ",".join("?" * len(chunk))
-                    rows = await driver.execute_fetchall(
-                        f"SELECT key, version FROM {_TABLE.name} "
-                        f"WHERE namespace = ? AND key IN ({placeholders})",
-                        (namespace, *chunk),
-                    )
-                    for key, version in rows:
-                        versions[(namespace, key)] = version
-            return versions
-        if self.dialect == "postgresql":
-            for namespace, keys in by_namespace.items():
-                # A join on unnest() keeps the primary-key lookups whatever the statistics of
-                # the table (with `key = ANY(...)` a fresh, unanalyzed table is scanned).
-                result = await connection.execute(
-                    _PG_LOCK_VERSIONS, {"ns": namespace, "keys": keys}
-                )
-                for key, version in result:
-                    versions[(namespace, key)] = version
-            return versions
-        for namespace, keys in by_namespace.items():
-            for chunk in _chunks(keys):
-                query = select(_C.key, _C.version).where(
-                    _C.namespace == namespace, self._key_in(chunk)
-                )
-                if self.dialect != "sqlite":
-                    query = query.with_for_update()
-                for key, version in await connection.execute(query):
-                    versions[(namespace, key)] = version
-        return versions
-
     async def write_one(self, write: Write) -> None:
-        """Apply one write with a single statement, atomic by itself: a conditional
-        ``UPDATE``/``DELETE`` (version check), an ``INSERT`` (nothing stored expected), or an
-        upsert/delete without a check. Sets ``write.new_version`` (:obj:`None` when unknown,
-        after an unchecked write, or deleted).
+        """Apply one write with a single statement, atomic by itself (no transaction): a
+        conditional ``UPDATE``/``DELETE`` (version check), an insert-only ``INSERT`` (nothing
+        stored expected), or an upsert/delete without a check. When the statement changes no
+        row, the stored version decides, by the same rule as :meth:`apply`.
 
         Raises:
-            ConflictError: The stored version is not ``write.expected_version``.
+            ConflictError: The stored version is not the expected one.
             StorageError: The database failed.
         """
-        ns, key, expected = write.namespace, write.key, write.expected_version
-        params = {
-            "ns": ns,
-            "k": key,
-            "codec": write.codec,
-            "data": write.data,
-            "data_version": write.data_version,
-            "touched_at": self.clock(),
-            "expires_at": write.expires_at,
-            "expected": expected,
-        }
-        conflict = False
-        async with self.autocommit(f"Writing {ns}[{key!r}]") as connection:
-            if write.data is None:
-                write.new_version = None
-                if expected == ANY_VERSION:
-                    await self._run(connection, _DELETE_ONE, params)
-                elif expected is None:
-                    rows, _ = await self._run(connection, _GET_ONE, params)
-                    conflict = bool(rows)
-                else:
-                    _, count = await self._run(connection, _DELETE_IF_VERSION, params)
-                    conflict = not count
-            elif expected is None:
-                write.new_version = params["version"] = new_version()
-                try:
-                    _, count = await self._run(connection, self._insert_new(), params)
-                    conflict = not count
-                except IntegrityError:
-                    conflict = True
-            elif expected == ANY_VERSION:
-                write.new_version = None
-                params["version"] = new_version()
-                await self._run(connection, self._blind_upsert(), params)
-            else:
-                write.new_version = params["version"] = expected + 1
-                _, count = await self._run(connection, _UPDATE_IF_VERSION, params)
-                conflict = not count
-        if conflict:
-            raise conflict_error(key, f"namespace {ns!r}")
 
-    def _insert_new(self) -> Any:
-        """``INSERT`` one row unless its key exists (then 0 rows; MySQL: IntegrityError)."""
-        if self.dialect == "postgresql":
-            return _PG_INSERT_NEW
-        if self.dialect == "sqlite":
-            return _SQLITE_INSERT_NEW
-        return _INSERT_ONE
+        def attempt(connection: Connection) -> StorageError | None:
+            params = write.params(self.clock())
+            if write.execute_single(connection, self._statements, params):
+                return None
+            row = (connection.execute(_GET_VERSION, params)).first()
+            current = None if row is None else row[0]
+            if write.verdict(current) is _Verdict.CONFLICT:
+                return write.conflict(current)
+            return None
 
-    def _blind_upsert(self) -> Any:
-        if self.dialect == "postgresql":
-            return _PG_UPSERT_ONE
-        if self.dialect == "sqlite":
-            return _SQLITE_UPSERT_ONE
-        return _MYSQL_UPSERT_ONE
-
-    def _key_in(self, keys: Sequence[str]) -> Any:
-        """``key IN (...)``; on PostgreSQL ``key = ANY(:array)``, which the planner handles
-        with the index however many keys there are."""
-        if self.dialect == "postgresql":
-            return _C.key == any_(bindparam("keys", list(keys), type_=ARRAY(String)))
-        return _C.key.in_(keys)
-
-    def _upsert_statement(self) -> Any:
-        columns = ("codec", "data", "version", "data_version", "touched_at", "expires_at")
-        if self.dialect == "postgresql":
-            stmt = postgresql.insert(_TABLE)
-            return stmt.on_conflict_do_update(
-                index_elements=[_C.namespace, _C.key],
-                set_={name: stmt.excluded[name] for name in columns},
-            )
-        if self.dialect == "sqlite":
-            lite = sqlite.insert(_TABLE)
-            return lite.on_conflict_do_update(
-                index_elements=[_C.namespace, _C.key],
-                set_={name: lite.excluded[name] for name in columns},
-            )
-        my = mysql.insert(_TABLE)
-        return my.on_duplicate_key_update({name: my.inserted[name] for name in columns})
+        error = await self._run(
+            f"Writing {write.namespace}[{write.key!r}]", attempt, autocommit=True
+        )
+        if error is not None:
+            raise error
 
     async def touch(self, namespace: str, keys: Sequence[str], expires_at: float | None) -> None:
-        """Set ``touched_at`` to now and ``expires_at`` of ``keys`` (a load with a ttl)."""
+        """Set ``touched_at`` to now and ``expires_at`` of ``keys`` (a read with a ttl)."""
         now = self.clock()
-        async with self.connect(f"Refreshing the expiry of {namespace}") as connection:
+
+        def work(connection: Connection) -> None:
             for chunk in _chunks(keys):
-                await connection.execute(
+                connection.execute(
                     update(_TABLE)
-                    .where(_C.namespace == namespace, self._key_in(chunk))
+                    .where(_C.namespace == namespace, self._dialect.key_in(chunk))
                     .values(touched_at=now, expires_at=expires_at)
                 )
+
+        await self._run(f"Refreshing the expiry of {namespace}", work)
 
     async def touch_namespace(self, namespace: str, expires_at: float) -> None:
         """Set ``expires_at`` of every unexpired row of ``namespace`` (an eager load)."""
         now = self.clock()
-        async with self.connect(f"Refreshing the expiry of {namespace}") as connection:
-            await connection.execute(
-                update(_TABLE)
-                .where(
-                    _C.namespace == namespace,
-                    (_C.expires_at.is_(None)) | (_C.expires_at >= now),
-                )
-                .values(touched_at=now, expires_at=expires_at)
+        statement = (
+            update(_TABLE)
+            .where(
+                _C.namespace == namespace,
+                (_C.expires_at.is_(None)) | (_C.expires_at >= now),
             )
+            .values(touched_at=now, expires_at=expires_at)
+        )
+        await self._run(f"Refreshing the expiry of {namespace}", _rowcount(statement))
 
     async def delete_if_expired(self, namespace: str, key: str) -> bool:
         """Delete the row of ``key`` if it has expired. Whether it was deleted."""
-        now = self.clock()
-        async with self.connect(f"Deleting the expired {namespace}[{key!r}]") as connection:
-            result = await connection.execute(
-                delete(_TABLE).where(_C.namespace == namespace, _C.key == key, _C.expires_at < now)
-            )
-        return bool(result.rowcount)
+        statement = delete(_TABLE).where(
+            _C.namespace == namespace, _C.key == key, _C.expires_at < self.clock()
+        )
+        count = await self._run(
+            f"Deleting the expired {namespace}[{key!r}]", _rowcount(statement), autocommit=True
+        )
+        return bool(count)
 
     async def purge_expired(self, namespace: str | None = None) -> int:
         """Delete every expired row (uses the index on ``expires_at``). Returns the count."""
-        now = self.clock()
-        query = delete(_TABLE).where(_C.expires_at < now)
+        statement = delete(_TABLE).where(_C.expires_at < self.clock())
         if namespace is not None:
-            query = query.where(_C.namespace == namespace)
-        async with self.connect("Deleting expired rows") as connection:
-            result = await connection.execute(query)
-        return int(result.rowcount or 0)
+            statement = statement.where(_C.namespace == namespace)
+        return await self._run("Deleting expired rows", _rowcount(statement))
 
     async def move_keys(
         self, moves: Sequence[tuple[str, str, str]]
@@ -759,64 +805,54 @@ class Database:
         Returns:
             The moves done and the moves skipped because the new key was taken.
         """
-        done: list[tuple[str, str, str]] = []
-        skipped: list[tuple[str, str, str]] = []
-        if not moves:
-            return done, skipped
-        async with self.connect(f"Moving {len(moves)} rows") as connection:
+
+        def work(
+            connection: Connection,
+        ) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+            done: list[tuple[str, str, str]] = []
+            skipped: list[tuple[str, str, str]] = []
             for namespace, old, new in moves:
-                exists = (
-                    await connection.execute(
-                        select(_C.version).where(_C.namespace == namespace, _C.key == old)
-                    )
-                ).first()
-                if exists is None:
+                locked = self._dialect.lock_versions(connection, namespace, [old, new])
+                if old not in locked:
                     continue
-                taken = (
-                    await connection.execute(
-                        select(_C.version).where(_C.namespace == namespace, _C.key == new)
-                    )
-                ).first()
-                if taken is not None:
+                if new in locked:
                     skipped.append((namespace, old, new))
                     continue
-                result = await connection.execute(
+                connection.execute(
                     update(_TABLE)
                     .where(_C.namespace == namespace, _C.key == old)
-                    .values(key=new, version=_C.version + 1)
+                    .values(key=new, version=new_version())
                 )
-                if result.rowcount:
-                    done.append((namespace, old, new))
-        return done, skipped
+                done.append((namespace, old, new))
+            return done, skipped
+
+        if not moves:
+            return [], []
+        return await self._run(f"Moving {len(moves)} rows", work)
 
     async def keys_containing(self, namespace: str, part: str) -> list[str]:
         """The keys of ``namespace`` that contain ``part`` (a scan: for rare maintenance)."""
         escaped = part.replace("!", "!!").replace("%", "!%").replace("_", "!_")
-        async with self.connect(f"Searching {namespace}", read_only=True) as connection:
-            result = await connection.execute(
-                select(_C.key).where(
-                    _C.namespace == namespace, _C.key.like(f"%{escaped}%", escape="!")
-                )
-            )
-            return sorted(row[0] for row in result)
+        query = select(_C.key).where(
+            _C.namespace == namespace, _C.key.like(f"%{escaped}%", escape="!")
+        )
+        rows = await self._run(f"Searching {namespace}", _fetch_all(query), read_only=True)
+        return sorted(row[0] for row in rows)
 
     async def stats(self) -> list[tuple[str, int, int, int]]:
         """``(namespace, rows, bytes, expired rows)`` per namespace."""
-        from sqlalchemy import case, func
-
-        now = self.clock()
-        async with self.connect("Counting rows") as connection:
-            result = await connection.execute(
-                select(
-                    _C.namespace,
-                    func.count(),
-                    func.coalesce(func.sum(func.length(_C.data)), 0),
-                    func.coalesce(func.sum(case((_C.expires_at < now, 1), else_=0)), 0),
-                )
-                .group_by(_C.namespace)
-                .order_by(_C.namespace)
+        query = (
+            select(
+                _C.namespace,
+                func.count(),
+                func.coalesce(func.sum(func.length(_C.data)), 0),
+                func.coalesce(func.sum(case((_C.expires_at < self.clock(), 1), else_=0)), 0),
             )
-            return [(ns, int(n), int(b), int(e)) for ns, n, b, e in result]
+            .group_by(_C.namespace)
+            .order_by(_C.namespace)
+        )
+        rows = await self._run("Counting rows", _fetch_all(query), read_only=True)
+        return [(ns, int(n), int(b), int(e)) for ns, n, b, e in rows]
 
     # -- database row locks (several processes) ------------------------------------------
 
@@ -828,53 +864,125 @@ class Database:
         lock the key whether or not its row exists. SQLite has one writer at a time and a
         single process in practice: nothing is locked there.
         """
-        if self.dialect == "sqlite":
+        if not self._dialect.row_locks:
             yield
             return
         await self.ensure_schema()
-        name = f"ptb_sessions:{namespace}:{key}"
+        what = f"Locking {namespace}[{key!r}]"
         try:
-            connection = await self.engine.connect()
-        except (SQLAlchemyError, OSError) as exc:
-            raise self.error(exc, f"Locking {namespace}[{key!r}]") from exc
+            connection = await asyncio.wait_for(self.engine.connect(), self.timeout)
+        except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+            raise self.error(exc, what) from exc
         try:
-            try:
-                if self.dialect == "postgresql":
-                    await connection.begin()
-                    lock_id = zlib.crc32(name.encode()) | (zlib.adler32(name.encode()) << 32)
-                    lock_id -= 1 << 63  # into bigint's signed range
-                    await connection.execute(
-                        text("SELECT pg_advisory_xact_lock(:id)"), {"id": lock_id}
+            name = f"ptb_sessions:{namespace}:{key}"
+            async with self._dialect.row_lock(connection, name, timeout) as got:
+                if not got:
+                    raise StorageError(
+                        f"Could not lock {namespace}[{key!r}] within {timeout} s on "
+                        f"{self.masked_url}"
                     )
-                else:
-                    # GET_LOCK names are limited to 64 characters.
-                    digest = f"ptb_sessions:{zlib.crc32(name.encode()):08x}{len(name):04x}"
-                    digest += f"{zlib.adler32(name.encode()):08x}"
-                    got = (
-                        await connection.execute(
-                            text("SELECT GET_LOCK(:name, :timeout)"),
-                            {"name": digest, "timeout": int(timeout)},
-                        )
-                    ).scalar()
-                    if got != 1:
-                        raise StorageError(
-                            f"Could not lock {namespace}[{key!r}] within {timeout} s on "
-                            f"{self.masked_url}"
-                        )
-            except SQLAlchemyError as exc:
-                raise self.error(exc, f"Locking {namespace}[{key!r}]") from exc
-            yield
+                yield
+        except (SQLAlchemyError, OSError) as exc:
+            raise self.error(exc, what) from exc
         finally:
-            try:
-                if self.dialect == "postgresql":
-                    await connection.rollback()
-                else:
-                    await connection.execute(text("SELECT RELEASE_ALL_LOCKS()"))
-                    await connection.commit()
-            except (SQLAlchemyError, OSError):
-                _LOGGER.debug("Releasing the lock of %s[%r] failed", namespace, key, exc_info=True)
-            finally:
+            with contextlib.suppress(Exception):
                 await connection.close()
+
+
+class _Route:
+    """How work functions (of a sync :class:`~sqlalchemy.engine.Connection`) reach the
+    database."""
+
+    __slots__ = ()
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        raise NotImplementedError
+
+    async def run(
+        self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool
+    ) -> _T:
+        raise NotImplementedError
+
+    async def dispose(self) -> None:
+        raise NotImplementedError
+
+
+class _AsyncRoute(_Route):
+    """An asyncio driver: each work function runs on a pooled connection through SQLAlchemy's
+    ``run_sync`` bridge; single statements use an autocommit engine."""
+
+    __slots__ = ("_autocommit", "_engine", "_owned")
+
+    def __init__(self, engine: AsyncEngine, autocommit: AsyncEngine, *, owned: bool) -> None:
+        self._engine = engine
+        self._autocommit = autocommit
+        self._owned = owned
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        engines = (self._engine.sync_engine, self._autocommit.sync_engine)
+        return engines if self._owned else engines[:1]
+
+    async def run(
+        self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool
+    ) -> _T:
+        connection = await (self._autocommit if autocommit else self._engine).connect()
+        try:
+            if autocommit:
+                result = await connection.run_sync(work)
+            else:
+                async with connection.begin():
+                    result = await connection.run_sync(work)
+        except BaseException:
+            # Also on cancellation by the deadline: dropping the connection needs no answer
+            # from a server that may have stopped answering.
+            with contextlib.suppress(Exception):
+                await connection.invalidate()
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        await connection.close()
+        return result
+
+    async def dispose(self) -> None:
+        if self._owned:
+            await self._autocommit.dispose()
+
+
+class _ThreadRoute(_Route):
+    """SQLite, a file on this machine: SQLAlchemy's sync engine in one thread of its own,
+    so a work function costs one hop to that thread (not one per cursor call, as through
+    aiosqlite), and the event loop never blocks."""
+
+    __slots__ = ("_engine", "_executor")
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ptb_sessions-sqlite")
+
+    @property
+    def engines(self) -> tuple[Engine, ...]:
+        return (self._engine,)
+
+    async def run(
+        self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool
+    ) -> _T:
+        call = functools.partial(self._run, work, autocommit=autocommit, read_only=read_only)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _run(self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool) -> _T:
+        with self._engine.connect() as connection:
+            if autocommit:
+                return work(connection.execution_options(**{AUTOCOMMIT_OPTION: True}))
+            if read_only:
+                connection.execution_options(ptb_sessions_read_only=True)
+            with connection.begin():
+                return work(connection)
+
+    async def dispose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
+        self._executor.shutdown(wait=False)
 
 
 _RECORD_COLUMNS = (
@@ -885,108 +993,20 @@ _RECORD_COLUMNS = (
     _C.touched_at,
     _C.expires_at,
 )
-
-
 _ONE = (_C.namespace == bindparam("ns")) & (_C.key == bindparam("k"))
 _GET_ONE = select(*_RECORD_COLUMNS).where(_ONE)
+_GET_VERSION = select(_C.version).where(_ONE)
 _DELETE_ONE = delete(_TABLE).where(_ONE)
 _DELETE_IF_VERSION = delete(_TABLE).where(_ONE, _C.version == bindparam("expected"))
 _VALUES: dict[str, Any] = {
     "codec": bindparam("codec"),
     "data": bindparam("data"),
+    "version": bindparam("version"),
     "data_version": bindparam("data_version"),
     "touched_at": bindparam("touched_at"),
     "expires_at": bindparam("expires_at"),
 }
 _UPDATE_IF_VERSION = (
-    update(_TABLE)
-    .where(_ONE, _C.version == bindparam("expected"))
-    .values(version=bindparam("version"), **_VALUES)
+    update(_TABLE).where(_ONE, _C.version == bindparam("expected")).values(_VALUES)
 )
-_INSERT_VALUES = {
-    "namespace": bindparam("ns"),
-    "key": bindparam("k"),
-    "version": bindparam("version"),
-    **_VALUES,
-}
-_INSERT_ONE = _TABLE.insert().values(**_INSERT_VALUES)
-_PG_INSERT_NEW = postgresql.insert(_TABLE).values(**_INSERT_VALUES).on_conflict_do_nothing()
-_SQLITE_INSERT_NEW = sqlite.insert(_TABLE).values(**_INSERT_VALUES).on_conflict_do_nothing()
-_UPSERT_SET = {**_VALUES, "version": _C.version + 1}
-_PG_UPSERT_ONE = (
-    postgresql.insert(_TABLE)
-    .values(**_INSERT_VALUES)
-    .on_conflict_do_update(index_elements=[_C.namespace, _C.key], set_=_UPSERT_SET)
-)
-_SQLITE_UPSERT_ONE = (
-    sqlite.insert(_TABLE)
-    .values(**_INSERT_VALUES)
-    .on_conflict_do_update(index_elements=[_C.namespace, _C.key], set_=_UPSERT_SET)
-)
-_MYSQL_UPSERT_ONE = (
-    mysql.insert(_TABLE).values(**_INSERT_VALUES).on_duplicate_key_update(**_UPSERT_SET)
-)
-
-
-_SQLITE_DELETE_MANY = f"DELETE FROM {_TABLE.name} WHERE namespace = ? AND key = ?"
-_SQLITE_UPSERT_MANY = (
-    f"INSERT INTO {_TABLE.name} "
-    "(namespace, key, codec, data, version, data_version, touched_at, expires_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, key) DO UPDATE SET "
-    "codec = excluded.codec, data = excluded.data, version = excluded.version, "
-    "data_version = excluded.data_version, touched_at = excluded.touched_at, "
-    "expires_at = excluded.expires_at"
-)
-_PG_LOCK_VERSIONS = text(
-    f"SELECT t.key, t.version FROM {_TABLE.name} AS t "
-    "JOIN unnest(CAST(:keys AS VARCHAR[])) AS wanted(key) ON t.key = wanted.key "
-    "WHERE t.namespace = :ns FOR UPDATE OF t"
-).columns(key=String, version=Integer)
-_SQLITE_DIALECT = sqlite.dialect()
-_SQLITE_COMPILED: dict[int, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
-
-
-def _compiled_for_sqlite(statement: Any) -> tuple[str, tuple[str, ...], dict[str, Any]]:
-    """``(sql, parameter names in order, literal parameters)`` of a prebuilt statement,
-    compiled once."""
-    compiled = _SQLITE_COMPILED.get(id(statement))
-    if compiled is None:
-        result = statement.compile(dialect=_SQLITE_DIALECT)
-        compiled = (str(result), tuple(result.positiontup), dict(result.params))
-        _SQLITE_COMPILED[id(statement)] = compiled
-    return compiled
-
-
-def _is_deadlock(exc: BaseException | None) -> bool:
-    """Whether the database aborted the transaction to resolve a deadlock (try it again)."""
-    message = str(getattr(exc, "orig", exc)).lower()
-    return "deadlock" in message or "could not serialize" in message
-
-
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    # The driver's own transaction handling is off; _sqlite_on_begin starts every transaction
-    # with BEGIN IMMEDIATE, so a read-then-write transaction never fails halfway on a lock.
-    dbapi_connection.isolation_level = None
-    # WAL lets readers and the writer work side by side; NORMAL sync is durable in WAL mode
-    # across application crashes (only a power loss can drop the last commits).
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cursor.close()
-
-
-def _sqlite_on_begin(connection: Any) -> None:
-    options = connection.get_execution_options()
-    if options.get("isolation_level") == "AUTOCOMMIT":
-        return
-    connection.exec_driver_sql(
-        "BEGIN" if options.get("ptb_sessions_read_only") else "BEGIN IMMEDIATE"
-    )
-
-
-def new_version() -> int:
-    """The version of a newly inserted row: random, so that a key deleted and written again
-    between another writer's read and write never shows that writer its old version."""
-    return secrets.randbelow(1 << 29) + 1
+_INSERT_VALUES = {"namespace": bindparam("ns"), "key": bindparam("k"), **_VALUES}

@@ -52,7 +52,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import Table as SQLTable
 from sqlalchemy import func, select
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from ptb_sessions import _alembic, _demo
@@ -249,7 +249,7 @@ async def _db(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
     path = sqlite_path(url)
     missing = path is not None and not path.exists()
     # A missing SQLite file is a database that is not migrated; only upgrade creates it.
-    database = open_database(url, create=action != "downgrade")
+    database = open_database(url, create=action != "downgrade", timeout=deadline.seconds)
     head = _alembic.head_revision()
     try:
         if action in ("upgrade", "downgrade"):
@@ -295,7 +295,7 @@ def _register_stats(commands: Any) -> None:
 
 
 async def _stats(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
-    database = open_database(url, create=False)
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
         head = await deadline(require_head(database), "Reading the schema revision")
         rows = await deadline(database.stats(), "Counting the rows")
@@ -365,16 +365,16 @@ async def _list_keys(
     if limit is not None:
         query = query.limit(limit)
 
-    async def read() -> tuple[list[str], int]:
-        async with database.connect(f"Listing the keys of {namespace}", read_only=True) as conn:
-            keys = list((await conn.execute(query)).scalars())
-            total = len(keys)
-            if limit is not None and total == limit:
-                count = select(func.count()).select_from(_TABLE).where(*where)
-                total = int((await conn.execute(count)).scalar_one())
-            return keys, total
+    def read(connection: Connection) -> tuple[list[str], int]:
+        keys = list(connection.execute(query).scalars())
+        total = len(keys)
+        if limit is not None and total == limit:
+            count = select(func.count()).select_from(_TABLE).where(*where)
+            total = int(connection.execute(count).scalar_one())
+        return keys, total
 
-    return await deadline(read(), f"Listing the keys of {namespace}")
+    what = f"Listing the keys of {namespace}"
+    return await deadline(database.run(what, read, read_only=True), what)
 
 
 async def _print_keys(
@@ -399,7 +399,7 @@ async def _print_keys(
 
 
 async def _keys(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
-    database = open_database(url, create=False)
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
         await deadline(require_head(database), "Reading the schema revision")
         return await _print_keys(database, args.namespace, args.prefix, args.limit, deadline)
@@ -481,7 +481,7 @@ def _decoded(record: Record, namespace: str, key: str, args: argparse.Namespace)
 
 async def _show(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
     namespace: str = args.namespace
-    database = open_database(url, create=False)
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
         await deadline(require_head(database), "Reading the schema revision")
         if args.key is None and namespace not in _SINGLE_KEYS:
@@ -532,7 +532,7 @@ def _register_purge(commands: Any) -> None:
 
 
 async def _purge(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
-    database = open_database(url, create=False)
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
         await deadline(require_head(database), "Reading the schema revision")
         count = await deadline(database.purge_expired(), "Deleting the expired rows")
@@ -622,7 +622,7 @@ def _register_export(commands: Any) -> None:
 
 
 async def _export(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
-    database = open_database(url, create=False)
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
         count = await export_jsonl(database, args.file, force=args.force, deadline=deadline)
     finally:
@@ -648,7 +648,7 @@ def _register_import(commands: Any) -> None:
 
 
 async def _import(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
-    database = open_database(url, create=True)
+    database = open_database(url, create=True, timeout=deadline.seconds)
     try:
         count = await import_jsonl(database, args.file, replace=args.replace, deadline=deadline)
     finally:
@@ -708,7 +708,7 @@ async def _check_demo_database(url: URL, args: argparse.Namespace, deadline: Dea
     path = sqlite_path(url)
     if args.yes or (path is not None and not path.exists()):
         return
-    database = open_database(url, create=False)
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
         revision = await deadline(current_revision(database), "Reading the schema revision")
         if revision is None:

@@ -1,8 +1,7 @@
 """Recording the statements a persistence or storage runs, on every backend.
 
-SQLAlchemy's ``before_cursor_execute`` event sees what goes through SQLAlchemy; on SQLite,
-single-row statements and batch writes go straight to the aiosqlite driver, so sqlite's own
-trace callback (one call per executed statement, parameters filled in) records those.
+Every statement goes through SQLAlchemy's execution layer, so its ``before_cursor_execute``
+event on each of the database's engines sees them all.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.util import await_
 
 from ptb_sessions._store import Database
 
@@ -23,11 +21,9 @@ class StatementLog:
     def __init__(self, database: Database) -> None:
         self.statements: list[tuple[str, Any, int]] = []  # (sql, parameters, rows of params)
         self.commits = 0
-        engine = database.engine.sync_engine
-        event.listen(engine, "before_cursor_execute", self._on_execute)
-        event.listen(engine, "commit", self._on_commit)
-        if database.dialect == "sqlite":
-            event.listen(engine, "connect", self._on_sqlite_connect)
+        for engine in database.engines:
+            event.listen(engine, "before_cursor_execute", self._on_execute)
+            event.listen(engine, "commit", self._on_commit)
 
     def _on_execute(
         self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
@@ -36,12 +32,6 @@ class StatementLog:
 
     def _on_commit(self, conn: Any) -> None:
         self.commits += 1
-
-    def _on_sqlite_connect(self, dbapi_connection: Any, record: Any) -> None:
-        def trace(sql: str) -> None:
-            self.statements.append((sql, None, 1))
-
-        await_(dbapi_connection._connection.set_trace_callback(trace))
 
     def rows_written(self) -> int:
         """How many rows the recorded INSERT, UPDATE and DELETE statements wrote (one per

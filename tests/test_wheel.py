@@ -30,6 +30,8 @@ from sqlalchemy.pool import NullPool
 from ptb_sessions import _alembic
 
 ROOT = Path(__file__).resolve().parents[1]
+#: One pytest-xdist worker runs this whole module, so its environment is built once.
+pytestmark = pytest.mark.xdist_group("wheel")
 _NOT_SHIPPED = shutil.ignore_patterns(
     ".git",
     ".venv*",

@@ -1,0 +1,306 @@
+"""What differs between the database backends, in one small strategy per backend.
+
+:class:`~ptb_sessions._store.Database` is made only of operations; every statement or
+predicate that depends on the backend comes from the :class:`Dialect` of its URL: the upsert,
+the insert-only statement, the versions locked for a batch, the row lock of sessions, the lock
+of schema upgrades, the engine's options and the meaning of a driver error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import zlib
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, ClassVar, Final, cast
+
+from sqlalchemy import Integer, String, Table, any_, bindparam, event, select, text
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ptb_sessions._schema import StoredRow
+
+__all__ = ["AUTOCOMMIT_OPTION", "Dialect", "dialect_for"]
+
+#: The execution option that marks the connections of single statements (no transaction).
+AUTOCOMMIT_OPTION: Final = "ptb_sessions_autocommit"
+
+_TABLE: Table = cast(Table, StoredRow.__table__)
+_C = _TABLE.c
+#: The columns an upsert replaces.
+_VALUE_COLUMNS: Final = ("codec", "data", "version", "data_version", "touched_at", "expires_at")
+#: The name of the schema upgrade lock.
+_SCHEMA_LOCK: Final = "ptb_sessions_schema"
+
+
+def _lock_id(name: str) -> int:
+    """A signed 64-bit number for ``name`` (PostgreSQL advisory locks take a bigint)."""
+    raw = name.encode()
+    return (zlib.crc32(raw) | (zlib.adler32(raw) << 32)) - (1 << 63)
+
+
+class Dialect:
+    """The SQL of one backend. Subclasses override what differs; nothing else in the package
+    asks which backend it talks to."""
+
+    __slots__ = ()
+
+    name: ClassVar[str] = "generic"
+    #: Whether the backend runs on SQLAlchemy's sync driver in a thread of its own.
+    threaded: ClassVar[bool] = False
+    #: Whether :meth:`row_lock` locks anything (several processes share the database).
+    row_locks: ClassVar[bool] = True
+
+    # -- the engine ---------------------------------------------------------------------
+
+    def engine_options(self, timeout: float) -> dict[str, Any]:
+        """Keyword arguments of :func:`~sqlalchemy.ext.asyncio.create_async_engine`."""
+        # No pre-ping (a round trip per checkout): a statement on a connection that died (a
+        # server restart) fails as "invalidated", which Database retries once on a fresh one.
+        return {"pool_recycle": 1800}
+
+    def prepare_engine(self, engine: Engine) -> None:
+        """Install event listeners on an engine created by the package."""
+
+    # -- statements ---------------------------------------------------------------------
+
+    def upsert(self) -> Any:
+        """``INSERT`` rows, replacing the values and version of those whose key exists."""
+        raise NotImplementedError
+
+    def insert_new(self) -> Any:
+        """``INSERT`` rows unless their key exists, returning the keys inserted."""
+        raise NotImplementedError
+
+    def key_in(self, keys: Sequence[str]) -> Any:
+        """The condition ``key IN (keys)``."""
+        return _C.key.in_(keys)
+
+    def lock_versions(
+        self, connection: Connection, namespace: str, keys: Sequence[str]
+    ) -> dict[str, int]:
+        """The stored versions of ``keys``, locked until the transaction ends."""
+        query = select(_C.key, _C.version).where(_C.namespace == namespace, self.key_in(keys))
+        result = connection.execute(query.with_for_update())
+        return {key: version for key, version in result}
+
+    @contextlib.asynccontextmanager
+    async def schema_lock(self, engine: AsyncEngine) -> AsyncIterator[None]:
+        """Serialize schema upgrades across processes."""
+        yield
+
+    @contextlib.asynccontextmanager
+    async def row_lock(
+        self, connection: AsyncConnection, name: str, timeout: float
+    ) -> AsyncIterator[bool]:
+        """Hold a lock named ``name`` across processes on ``connection``; yields whether it
+        was taken within ``timeout`` seconds."""
+        yield True
+
+    # -- errors -------------------------------------------------------------------------
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the connection or the server failed (not a row)."""
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return True
+        if isinstance(exc, OSError | ConnectionError | asyncio.TimeoutError):
+            return True
+        name = type(getattr(exc, "orig", None) or exc).__name__
+        return "Connection" in name or "Interface" in name
+
+    def is_deadlock(self, exc: BaseException) -> bool:
+        """Whether the database aborted the transaction to resolve a deadlock (try again)."""
+        message = str(getattr(exc, "orig", None) or exc).lower()
+        return "deadlock" in message or "could not serialize" in message
+
+
+class _SQLite(Dialect):
+    __slots__ = ()
+    name = "sqlite"
+    threaded = True
+    row_locks = False  # one writer at a time, and a single process in practice
+
+    def engine_options(self, timeout: float) -> dict[str, Any]:
+        # A file on this machine: no dropped connections to ping for; the driver waits up to
+        # the deadline for another writer's lock.
+        return {"connect_args": {"timeout": timeout}}
+
+    def prepare_engine(self, engine: Engine) -> None:
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+
+    def upsert(self) -> Any:
+        stmt = sqlite.insert(_TABLE)
+        return stmt.on_conflict_do_update(
+            index_elements=[_C.namespace, _C.key],
+            set_={name: stmt.excluded[name] for name in _VALUE_COLUMNS},
+        )
+
+    def insert_new(self) -> Any:
+        return sqlite.insert(_TABLE).on_conflict_do_nothing().returning(_C.key)
+
+    def lock_versions(
+        self, connection: Connection, namespace: str, keys: Sequence[str]
+    ) -> dict[str, int]:
+        # The transaction began with BEGIN IMMEDIATE: the whole database is locked already.
+        query = select(_C.key, _C.version).where(_C.namespace == namespace, self.key_in(keys))
+        return {key: version for key, version in connection.execute(query)}
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        # "database is locked" is another writer holding the file: an outage for this batch.
+        return super().is_connection_error(exc) or "database is locked" in str(exc)
+
+
+class _PostgreSQL(Dialect):
+    __slots__ = ()
+    name = "postgresql"
+
+    def upsert(self) -> Any:
+        stmt = postgresql.insert(_TABLE)
+        return stmt.on_conflict_do_update(
+            index_elements=[_C.namespace, _C.key],
+            set_={name: stmt.excluded[name] for name in _VALUE_COLUMNS},
+        )
+
+    def insert_new(self) -> Any:
+        return postgresql.insert(_TABLE).on_conflict_do_nothing().returning(_C.key)
+
+    def key_in(self, keys: Sequence[str]) -> Any:
+        # = ANY(array): the planner uses the index however many keys there are.
+        return _C.key == any_(bindparam("keys", list(keys), type_=ARRAY(String)))
+
+    def lock_versions(
+        self, connection: Connection, namespace: str, keys: Sequence[str]
+    ) -> dict[str, int]:
+        # A join on unnest() keeps the primary-key lookups whatever the statistics of the
+        # table (with `key = ANY(...)` a fresh, unanalyzed table is scanned).
+        result = connection.execute(_PG_LOCK_VERSIONS, {"ns": namespace, "keys": list(keys)})
+        return {key: version for key, version in result}
+
+    @contextlib.asynccontextmanager
+    async def schema_lock(self, engine: AsyncEngine) -> AsyncIterator[None]:
+        async with engine.connect() as connection:
+            lock = {"id": _lock_id(_SCHEMA_LOCK)}
+            await connection.execute(text("SELECT pg_advisory_lock(:id)"), lock)
+            await connection.commit()
+            try:
+                yield
+            finally:
+                await connection.execute(text("SELECT pg_advisory_unlock(:id)"), lock)
+                await connection.commit()
+
+    @contextlib.asynccontextmanager
+    async def row_lock(
+        self, connection: AsyncConnection, name: str, timeout: float
+    ) -> AsyncIterator[bool]:
+        await connection.begin()
+        await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _lock_id(name)})
+        try:
+            yield True
+        finally:
+            await connection.rollback()
+
+
+class _MySQL(Dialect):
+    __slots__ = ()
+    name = "mysql"
+
+    def engine_options(self, timeout: float) -> dict[str, Any]:
+        # The server gives up on a statement (or a row lock) a little before the client's
+        # deadline, so a statement the client stopped waiting for never lands later. (On
+        # PostgreSQL the driver cancels a statement it stops waiting for.)
+        seconds = max(1, int(timeout * 0.9))
+        init = f"SET SESSION max_statement_time = {seconds}, innodb_lock_wait_timeout = {seconds}"
+        return {**super().engine_options(timeout), "connect_args": {"init_command": init}}
+
+    def upsert(self) -> Any:
+        stmt = mysql.insert(_TABLE)
+        return stmt.on_duplicate_key_update({name: stmt.inserted[name] for name in _VALUE_COLUMNS})
+
+    def insert_new(self) -> Any:
+        return mysql.insert(_TABLE).prefix_with("IGNORE").returning(_C.key)
+
+    @contextlib.asynccontextmanager
+    async def schema_lock(self, engine: AsyncEngine) -> AsyncIterator[None]:
+        async with engine.connect() as connection:
+            await connection.execute(text(f"SELECT GET_LOCK('{_SCHEMA_LOCK}', 300)"))
+            await connection.commit()
+            try:
+                yield
+            finally:
+                await connection.execute(text(f"SELECT RELEASE_LOCK('{_SCHEMA_LOCK}')"))
+                await connection.commit()
+
+    @contextlib.asynccontextmanager
+    async def row_lock(
+        self, connection: AsyncConnection, name: str, timeout: float
+    ) -> AsyncIterator[bool]:
+        # GET_LOCK names are limited to 64 characters.
+        raw = name.encode()
+        digest = f"ptb_sessions:{zlib.crc32(raw):08x}{len(name):04x}{zlib.adler32(raw):08x}"
+        got = (
+            await connection.execute(
+                text("SELECT GET_LOCK(:name, :timeout)"), {"name": digest, "timeout": int(timeout)}
+            )
+        ).scalar()
+        try:
+            yield got == 1
+        finally:
+            await connection.execute(text("SELECT RELEASE_ALL_LOCKS()"))
+            await connection.commit()
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        # 2006 "server has gone away" and 2013 "lost connection" (also what an oversized
+        # packet gives: Database tells the two apart by probing the server).
+        code = getattr(getattr(exc, "orig", None), "args", (None,))[0]
+        return super().is_connection_error(exc) or code in (2006, 2013)
+
+
+_PG_LOCK_VERSIONS = text(
+    f"SELECT t.key, t.version FROM {_TABLE.name} AS t "
+    "JOIN unnest(CAST(:keys AS VARCHAR[])) AS wanted(key) ON t.key = wanted.key "
+    "WHERE t.namespace = :ns FOR UPDATE OF t"
+).columns(key=String, version=Integer)
+
+_DIALECTS: dict[str, Dialect] = {
+    "sqlite": _SQLite(),
+    "postgresql": _PostgreSQL(),
+    "mysql": _MySQL(),
+    "mariadb": _MySQL(),
+}
+
+
+def dialect_for(backend: str) -> Dialect:
+    """The :class:`Dialect` of an SQLAlchemy backend name (``URL.get_backend_name()``)."""
+    try:
+        return _DIALECTS[backend]
+    except KeyError:
+        raise ValueError(
+            f"ptb-sessions supports SQLite, PostgreSQL, MariaDB and MySQL, not {backend!r}"
+        ) from None
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling is off; _sqlite_on_begin starts every transaction
+    # with BEGIN IMMEDIATE, so a read-then-write transaction never fails halfway on a lock.
+    dbapi_connection.isolation_level = None
+    # WAL lets readers and the writer work side by side; NORMAL sync is durable in WAL mode
+    # across application crashes (only a power loss can drop the last commits).
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    options = connection.get_execution_options()
+    if options.get(AUTOCOMMIT_OPTION) or options.get("isolation_level") == "AUTOCOMMIT":
+        return
+    connection.exec_driver_sql(
+        "BEGIN" if options.get("ptb_sessions_read_only") else "BEGIN IMMEDIATE"
+    )
