@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
+from telegram import Bot
 from telegram.ext import Application, BasePersistence, ContextTypes, PersistenceInput
 from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
-from ptb_sessions._codec import Codec, JSONCodec
+from ptb_sessions._codec import Codec, JSONCodec, bind_codec, storable_state
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
 from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
 from ptb_sessions._store import (
@@ -264,7 +265,21 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         was not found automatically (a warning says so)."""
         if application.persistence is not self:
             raise ValueError("This application does not use this persistence")
+        self._adopt(application)
+
+    def _adopt(self, application: Application[Any, Any, Any, Any, Any, Any]) -> None:
+        """Serve ``application``: take its ContextTypes (its chat_data class is what new chats
+        get), and let the codec store their classes and give its bot to TelegramObjects."""
         self._app = application
+        self.context_types = application.context_types
+        bind_codec(self.codec, application.bot, self.context_types)
+
+    def set_bot(self, bot: Bot) -> None:
+        """Called by :meth:`~telegram.ext.ApplicationBuilder.build`. The codec gives ``bot`` to
+        the TelegramObjects it decodes (so ``message.reply_text()`` works after a restart), and
+        stores the classes of :attr:`context_types` (see :class:`~ptb_sessions.JSONCodec`)."""
+        super().set_bot(bot)
+        bind_codec(self.codec, bot, self.context_types)
 
     def _find_application(self) -> None:
         if self._app is not None:
@@ -277,7 +292,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 break
             candidate = frame.f_locals.get("self")
             if isinstance(candidate, Application) and candidate.persistence is self:
-                self._app = candidate
+                self._adopt(candidate)
                 return
             frame = frame.f_back  # type: ignore[assignment]
         if self.max_cached is not None:
@@ -591,7 +606,12 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         data_version: float | None = None,
     ) -> None:
         check_key(namespace, key)
-        if state == (None, None) and isinstance(value, Mapping) and not value:
+        if (
+            state == (None, None)
+            and isinstance(value, Mapping)
+            and not value
+            and not getattr(value, "__dict__", None)  # a dict subclass's attributes are data
+        ):
             return  # nothing stored and nothing to store
         codec, encoded = encode_value(
             self.codec, value, f"{namespace}[{key}]", self.max_value_size
@@ -695,7 +715,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if new_state is None:
             await self._submit(Write(namespace, row_key, None))
             return
-        await self._write_if_changed(namespace, row_key, new_state, state)
+        await self._write_if_changed(
+            namespace, row_key, storable_state(self.codec, new_state), state
+        )
 
     async def _drop(self, kind: _Kind, item_id: int) -> None:
         kind.forget(item_id)
