@@ -9,15 +9,23 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.script.revision import ResolutionError
+from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ptb_sessions._errors import SchemaError
+from ptb_sessions._url import mask_url, sqlite_path
 
 __all__ = [
     "VERSION_TABLE",
     "alembic_config",
+    "checked_revision",
     "current_revision",
     "downgrade",
     "head_revision",
+    "is_known",
+    "newer_revision_error",
     "upgrade",
 ]
 
@@ -50,6 +58,49 @@ async def current_revision(engine: AsyncEngine) -> str | None:
     """The revision the database is at, or :obj:`None` if it was never migrated."""
     async with engine.connect() as connection:
         return await connection.run_sync(_current)
+
+
+def is_known(revision: str | None) -> bool:
+    """Whether ``revision`` (:obj:`None`: not migrated) is one of the revisions of this version
+    of ptb-sessions."""
+    if revision is None:
+        return True
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except (ResolutionError, CommandError):
+        return False
+
+
+def newer_revision_error(revision: str, masked_url: str) -> SchemaError:
+    """The error for a database at a revision this version does not know: a newer version of
+    ptb-sessions migrated it."""
+    return SchemaError(
+        f"The database {masked_url} is at schema revision {revision}, which is newer than this "
+        f"version of ptb-sessions knows (its newest is {head_revision()}): another program "
+        "with a newer ptb-sessions migrated it. Upgrade ptb-sessions; the database was left "
+        "untouched."
+    )
+
+
+async def checked_revision(engine: AsyncEngine, *, create: bool) -> str | None:
+    """The revision the database is at (:obj:`None`: not migrated), for ``ensure_schema``.
+
+    Args:
+        engine: The database's engine.
+        create: Whether the database may be created. If not, a missing SQLite file is
+            reported as not migrated without connecting, which would create it empty.
+
+    Raises:
+        SchemaError: The database is at a revision this version does not know.
+    """
+    path = sqlite_path(engine.url)
+    if not create and path is not None and not path.exists():
+        return None
+    current = await current_revision(engine)
+    if not is_known(current):
+        assert current is not None
+        raise newer_revision_error(current, mask_url(engine.url))
+    return current
 
 
 async def _run(engine: AsyncEngine, fn: Any, revision: str) -> None:

@@ -1,11 +1,14 @@
 """What the commands of ``ptb-sessions`` share: the error that becomes one line on stderr,
-opening a database without creating or changing it, progress bars and consoles."""
+opening a database without creating or changing it, deadlines for database calls, printing
+database values literally, progress bars and consoles."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 import sys
-from pathlib import Path
-from typing import TextIO
+from collections.abc import Awaitable
+from typing import Final, TextIO, TypeVar, cast
 
 from rich.console import Console
 from rich.progress import (
@@ -16,21 +19,39 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from sqlalchemy import Table, func, select
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import SQLAlchemyError
 
 from ptb_sessions import _alembic
-from ptb_sessions._store import Database
+from ptb_sessions._schema import StoredRow
+from ptb_sessions._store import DEFAULT_TIMEOUT, Database
+from ptb_sessions._url import sqlite_path
 
 __all__ = [
+    "DEFAULT_TIMEOUT",
+    "PROG",
     "CLIError",
+    "Deadline",
     "current_revision",
+    "literal",
     "open_database",
+    "plural",
     "progress_bar",
     "require_head",
+    "row_count",
     "stderr_console",
     "stdout_console",
 ]
+
+_T = TypeVar("_T")
+PROG: Final = "ptb-sessions"
+_TABLE = cast(Table, StoredRow.__table__)
+# C0 and C1 control characters, DEL, and the bidirectional controls that reorder what a
+# terminal shows.
+_UNPRINTABLE: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
 
 
 class CLIError(Exception):
@@ -42,14 +63,61 @@ class CLIError(Exception):
         self.exit_code = exit_code
 
 
+def literal(text: str) -> str:
+    r"""``text`` with every control character escaped (``\x1b``, ``\u202e``), so a value from
+    the database cannot move the cursor, recolor the terminal or reorder what it shows."""
+
+    def escape(match: re.Match[str]) -> str:
+        char = match.group(0)
+        return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+    return _UNPRINTABLE.sub(escape, text)
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 row``, ``2 rows``, ``1,000 rows``."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
+
+
+class Deadline:
+    """Bounds each database call of a command by ``--timeout`` seconds.
+
+    Args:
+        seconds: The longest one call may take.
+        where: The masked URL of the database, for the error.
+    """
+
+    __slots__ = ("seconds", "where")
+
+    def __init__(self, seconds: float, where: str) -> None:
+        self.seconds = seconds
+        self.where = where
+
+    async def __call__(self, call: Awaitable[_T], what: str) -> _T:
+        """The result of ``call``.
+
+        Raises:
+            CLIError: ``call`` took longer than :attr:`seconds`.
+        """
+        try:
+            return await asyncio.wait_for(call, self.seconds)
+        except asyncio.TimeoutError:
+            raise CLIError(
+                f"{what} failed on {self.where}: no answer within {self.seconds:g} s (--timeout)"
+            ) from None
+
+
 def stdout_console(file: TextIO | None = None) -> Console:
-    """A console on stdout (looked up at call time, so redirections and tests see it)."""
-    return Console(file=file or sys.stdout, highlight=False, soft_wrap=True)
+    """A console on stdout (looked up at call time, so redirections and tests see it). It
+    interprets no markup and no emoji codes: what it prints is printed as it is."""
+    return Console(
+        file=file or sys.stdout, highlight=False, soft_wrap=True, markup=False, emoji=False
+    )
 
 
 def stderr_console() -> Console:
-    """A console on stderr, for progress bars."""
-    return Console(file=sys.stderr, highlight=False)
+    """A console on stderr, for progress bars and messages."""
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True, markup=False, emoji=False)
 
 
 def progress_bar() -> Progress:
@@ -57,7 +125,7 @@ def progress_bar() -> Progress:
     done, so piped output and error messages stay clean."""
     console = stderr_console()
     return Progress(
-        TextColumn("[progress.description]{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -68,17 +136,7 @@ def progress_bar() -> Progress:
     )
 
 
-def sqlite_path(url: URL) -> Path | None:
-    """The file of an SQLite URL, or :obj:`None` (not SQLite, or an in-memory database)."""
-    if url.get_backend_name() != "sqlite":
-        return None
-    database = url.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
-def open_database(url: URL, *, create: bool) -> Database:
+def open_database(url: URL, *, create: bool, timeout: float = DEFAULT_TIMEOUT) -> Database:
     """A :class:`~ptb_sessions._store.Database` on ``url``.
 
     Args:
@@ -86,15 +144,16 @@ def open_database(url: URL, *, create: bool) -> Database:
         create: Whether the command may create the database (and its schema). If not, the
             database must already be migrated to head (checked by :func:`require_head`) and
             a missing SQLite file is an error rather than created empty.
+        timeout: Seconds any one database call may take (``--timeout``).
 
     Raises:
         CLIError: ``create`` is false and the SQLite file does not exist.
     """
-    database = Database(url, auto_upgrade=create)
+    database = Database(url, auto_upgrade=create, timeout=timeout)
     path = sqlite_path(url)
     if not create and path is not None and not path.exists():
         raise CLIError(
-            f"there is no database file {path} (run `ptb-sessions --url "
+            f"there is no database file {path} (run `{PROG} --url "
             f"'{database.masked_url}' db upgrade` to create it)"
         )
     return database
@@ -112,6 +171,18 @@ async def current_revision(database: Database) -> str | None:
         raise database.error(exc, "Reading the schema revision") from exc
 
 
+async def row_count(database: Database) -> int:
+    """How many rows the table holds (0 if it does not exist yet)."""
+    if await current_revision(database) is None:
+        return 0
+    try:
+        async with database.engine.connect() as connection:
+            result = await connection.execute(select(func.count()).select_from(_TABLE))
+            return int(result.scalar_one())
+    except (SQLAlchemyError, OSError) as exc:
+        raise database.error(exc, "Counting the rows") from exc
+
+
 async def require_head(database: Database) -> str:
     """Check that ``database`` is at the schema revision this version needs, without changing
     it: the read commands never create or upgrade the schema.
@@ -121,14 +192,18 @@ async def require_head(database: Database) -> str:
 
     Raises:
         CLIError: The database is not migrated, or at another revision.
+        ptb_sessions.SchemaError: The database is at a revision newer than this version knows.
     """
     head = _alembic.head_revision()
     current = await current_revision(database)
+    if not _alembic.is_known(current):
+        assert current is not None
+        raise _alembic.newer_revision_error(current, database.masked_url)
     if current != head:
         state = "is not migrated" if current is None else f"is at schema revision {current}"
         raise CLIError(
             f"the database {database.masked_url} {state}, but ptb-sessions needs revision "
-            f"{head}: run `ptb-sessions --url '{database.masked_url}' db upgrade` first (this "
+            f"{head}: run `{PROG} --url '{database.masked_url}' db upgrade` first (this "
             "command never changes the schema)"
         )
     return head

@@ -66,8 +66,12 @@ _TRIGGER_OPTIONS: Final = ("start_date", "end_date", "timezone", "jitter", "type
 def add_jobs_parser(commands: Any) -> None:
     """Add ``jobs`` to the subcommands ``commands`` of ``ptb-sessions``."""
     jobs = commands.add_parser(
-        COMMAND, help="list the stored JobQueue jobs (store_jobs=True), or remove one"
+        COMMAND,
+        help="list the stored JobQueue jobs (store_jobs=True), or remove one",
+        description="List the stored JobQueue jobs (id, name, callback, trigger, next run, chat, "
+        "user, enabled), or remove one by its id. Never runs a job or imports its callback.",
     )
+    jobs.set_defaults(run=run_jobs)
     actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
     remove = actions.add_parser("remove", help="remove the stored job ID (as the list shows it)")
     remove.add_argument("job_id", metavar="ID")
@@ -160,7 +164,7 @@ async def _remove(url: URL, job_id: str) -> int:
     return 0
 
 
-async def run_jobs(url: URL, args: argparse.Namespace) -> int:
+async def run_jobs(url: URL, args: argparse.Namespace, deadline: Any = None) -> int:
     """Run ``ptb-sessions jobs`` with the parsed ``args``."""
     if args.jobs_command == "remove":
         return await _remove(url, args.job_id)

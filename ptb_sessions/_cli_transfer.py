@@ -9,11 +9,17 @@ pickled rows), so importing it gives identical rows, ``version`` and timestamps 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib
 import json
 import math
 import os
+import pickle
+import shutil
+import stat
 import sys
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO, cast
 
@@ -22,8 +28,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from telegram.ext import ExtBot, PicklePersistence
 
-from ptb_sessions._cli_common import CLIError, progress_bar, require_head
-from ptb_sessions._cli_jobs import export_job_lines, import_job_rows, is_job_line, read_job_lines
+from ptb_sessions._cli_common import PROG, CLIError, Deadline, progress_bar, require_head
 from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
 from ptb_sessions._errors import SerializationError
 from ptb_sessions._rows import encode_value
@@ -47,6 +52,7 @@ FIELDS: Final = (
 _TABLE = cast(Table, StoredRow.__table__)
 _C = _TABLE.c
 _CHUNK: Final = 500
+_BATCH: Final = 1000
 _INT32: Final = 1 << 31
 #: The suffixes of the files of a ``PicklePersistence(single_file=False)``.
 PICKLE_SUFFIXES: Final = ("user_data", "chat_data", "bot_data", "callback_data", "conversations")
@@ -66,56 +72,117 @@ def _row_line(row: Sequence[Any]) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
 
 
-def _write(file: TextIO, line: str, path: Path) -> None:
+def _write(file: TextIO, line: str, name: str) -> None:
     try:
         file.write(line)
     except OSError as exc:
-        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
 
 
-async def export_jsonl(database: Database, path: Path) -> int:
-    """Write every row of ``database`` to ``path`` (JSONL, see the module docs), atomically:
-    the file appears only once complete. Returns the number of rows.
+def _export_target(name: str, *, force: bool) -> tuple[Path | None, Path | None]:
+    """Where ``export`` writes ``name``: ``(file to open directly, None)`` for a device, pipe
+    or socket (also through a symlink), ``(None, regular file to replace)`` otherwise;
+    ``(None, None)`` for standard output.
+
+    Raises:
+        CLIError: ``name`` is an existing regular file (directly or through a symlink) and
+            ``force`` is false, or a directory.
+    """
+    if name == "-":
+        return None, None
+    path = Path(name)
+    try:
+        status = path.stat()  # follows symlinks
+    except FileNotFoundError:
+        return None, Path(os.path.realpath(path))  # a dangling symlink: create its target
+    except OSError as exc:
+        raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(status.st_mode):
+        raise CLIError(f"cannot write {name}: it is a directory")
+    if not stat.S_ISREG(status.st_mode):
+        return path, None  # a device, pipe or socket: written through, never replaced
+    if not force:
+        link = " (through a symlink)" if path.is_symlink() else ""
+        raise CLIError(
+            f"{name} already exists{link}; nothing was written (pass --force to replace it, "
+            "or export to a new file)"
+        )
+    return None, Path(os.path.realpath(path))  # replace the file, keep the symlink
+
+
+async def _write_rows(database: Database, file: TextIO, name: str, deadline: Deadline) -> int:
+    namespace, key = _C.namespace, _C.key
+    if database.dialect == "postgresql":  # code point order, whatever the database's collation
+        namespace, key = namespace.collate("C"), key.collate("C")  # type: ignore[assignment]
+    query = select(*(_C[field] for field in FIELDS)).order_by(namespace, key)
+    count = 0
+    with progress_bar() as bar:
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                connection = await deadline(
+                    stack.enter_async_context(database.engine.connect()), "Connecting"
+                )
+                await connection.execution_options(ptb_sessions_read_only=True)
+                # one snapshot of the whole table
+                await deadline(stack.enter_async_context(connection.begin()), "Exporting")
+                total = (
+                    await deadline(
+                        connection.execute(select(func.count()).select_from(_TABLE)),
+                        "Counting the rows",
+                    )
+                ).scalar_one()
+                task = bar.add_task(f"Exporting to {name}", total=total)
+                result = await deadline(
+                    connection.stream(query.execution_options(yield_per=_BATCH)),
+                    "Exporting the rows",
+                )
+                while rows := await deadline(result.fetchmany(_BATCH), "Exporting the rows"):
+                    for row in rows:
+                        _write(file, _row_line(row), name)
+                    count += len(rows)
+                    bar.advance(task, len(rows))
+        except (SQLAlchemyError, OSError) as exc:
+            raise database.error(exc, "Exporting the rows") from exc
+    return count
+
+
+async def export_jsonl(
+    database: Database, name: str, *, force: bool = False, deadline: Deadline
+) -> int:
+    """Write every row of ``database`` to the file ``name`` (JSONL, see the module docs; ``-``
+    is standard output). A regular file is written atomically (it appears only once
+    complete) and replaces an existing one only with ``force``; a device or pipe is written
+    through. Returns the number of rows.
 
     Raises:
         CLIError: The database is not migrated, or the file cannot be written.
         ptb_sessions.StorageError: The database failed.
     """
-    await require_head(database)
-    namespace, key = _C.namespace, _C.key
-    if database.dialect == "postgresql":  # code point order, whatever the database's collation
-        namespace, key = namespace.collate("C"), key.collate("C")  # type: ignore[assignment]
-    query = select(*(_C[name] for name in FIELDS)).order_by(namespace, key)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    count = 0
-    try:
-        file = temporary.open("w", encoding="utf-8", newline="\n")
-    except OSError as exc:
-        raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        with file, progress_bar() as bar:
-            try:
-                async with database.engine.connect() as connection:
-                    await connection.execution_options(ptb_sessions_read_only=True)
-                    async with connection.begin():  # one snapshot of the whole table
-                        total = (
-                            await connection.execute(select(func.count()).select_from(_TABLE))
-                        ).scalar_one()
-                        task = bar.add_task(f"Exporting to {path.name}", total=total)
-                        result = await connection.stream(query.execution_options(yield_per=1000))
-                        async for row in result:
-                            _write(file, _row_line(row), path)
-                            count += 1
-                            bar.advance(task)
-                        async for line in export_job_lines(connection):  # the stored jobs
-                            _write(file, line, path)
-                            count += 1
-            except (SQLAlchemyError, OSError) as exc:
-                raise database.error(exc, "Exporting the rows") from exc
+    direct, replaced = _export_target(name, force=force)
+    await deadline(require_head(database), "Reading the schema revision")
+    if replaced is None:
+        if direct is None:
+            count = await _write_rows(database, sys.stdout, name, deadline)
+            sys.stdout.flush()
+            return count
         try:
-            temporary.replace(path)
+            file = direct.open("w", encoding="utf-8", newline="\n")
         except OSError as exc:
-            raise CLIError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
+        with file:
+            return await _write_rows(database, file, name, deadline)
+    temporary = replaced.with_name(f".{replaced.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            file = temporary.open("x", encoding="utf-8", newline="\n")
+        except OSError as exc:
+            raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
+        with file:
+            count = await _write_rows(database, file, name, deadline)
+        try:
+            temporary.replace(replaced)
+        except OSError as exc:
+            raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
     finally:
         temporary.unlink(missing_ok=True)
     return count
@@ -179,8 +246,8 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
 
 
-def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of each line of ``path``.
+def _rows(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, row)`` of each line of ``path`` (called ``name`` in errors).
 
     Raises:
         CLIError: A line is not a valid row (a truncated or corrupted file), naming the line.
@@ -188,7 +255,7 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         with path.open("rb") as file:
             for number, raw in enumerate(file, 1):
-                where = f"{path}:{number}"
+                where = f"{name}:{number}"
                 if not raw.endswith(b"\n"):
                     # the last line of a complete export ends with a newline
                     hint = "the file is truncated (the last line has no newline)"
@@ -213,8 +280,6 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     raise CLIError(
                         f"{where}: not valid JSON ({detail}{column}); {hint}; nothing was imported"
                     ) from None
-                if is_job_line(obj):
-                    continue  # a stored job: see import_job_rows
                 try:
                     row = _validate(obj)
                 except ValueError as exc:
@@ -223,22 +288,46 @@ def _rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                     ) from None
                 yield number, row
     except OSError as exc:
-        raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise CLIError(f"cannot read {name}: {exc.strerror or exc}") from exc
 
 
-def _check_file(path: Path) -> int:
+def _check_file(path: Path, name: str) -> int:
     """Validate every line of ``path`` before anything is written. Returns the row count."""
-    if not path.is_file():
-        raise CLIError(f"there is no file {path}")
+    if not path.exists():
+        raise CLIError(f"there is no file {name}")
+    if path.is_dir():
+        raise CLIError(f"cannot read {name}: it is a directory")
     seen: dict[tuple[str, str], int] = {}
-    for number, row in _rows(path):
+    for number, row in _rows(path, name):
         first = seen.setdefault((row["namespace"], row["key"]), number)
         if first != number:
             raise CLIError(
-                f"{path}:{number}: {row['namespace']}[{row['key']!r}] is already on line "
+                f"{name}:{number}: {row['namespace']}[{row['key']!r}] is already on line "
                 f"{first}; nothing was imported"
             )
     return len(seen)
+
+
+@contextlib.contextmanager
+def _readable_twice(name: str) -> Iterator[Path]:
+    """A path to read the rows of ``name`` from twice (checked, then inserted): the file
+    itself, or for ``-`` (standard input) and pipes a temporary copy."""
+    path = Path(name)
+    if name != "-" and (not path.exists() or path.is_file() or path.is_dir()):
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="ptb-sessions-import-") as directory:
+        copy = Path(directory) / "rows.jsonl"
+        try:
+            with copy.open("wb") as out:
+                if name == "-":
+                    shutil.copyfileobj(sys.stdin.buffer, out)
+                else:
+                    with path.open("rb") as source:
+                        shutil.copyfileobj(source, out)
+        except OSError as exc:
+            raise CLIError(f"cannot read {name}: {exc.strerror or exc}") from exc
+        yield copy
 
 
 async def _insert_chunk(
@@ -264,36 +353,48 @@ async def _insert_chunk(
     await connection.execute(_TABLE.insert(), rows)
 
 
-async def import_jsonl(database: Database, path: Path, *, replace: bool = False) -> int:
-    """Insert the rows of ``path`` (written by :func:`export_jsonl`) as they are, in one
-    transaction: first every line is checked, then everything is written or nothing. Creates
-    or upgrades the schema if needed. Returns the number of rows.
+async def import_jsonl(
+    database: Database, name: str, *, replace: bool = False, deadline: Deadline
+) -> int:
+    """Insert the rows of the file ``name`` (written by :func:`export_jsonl`; ``-`` is
+    standard input) as they are, in one transaction: first every line is checked, then
+    everything is written or nothing. Creates or upgrades the schema if needed. Returns the
+    number of rows.
 
     Raises:
         CLIError: The file is missing, a line is not a valid row (naming the line), or a row
             already exists (without ``replace``).
         ptb_sessions.StorageError: The database failed; nothing was written.
     """
-    total = _check_file(path)
-    jobs = read_job_lines(path)
-    with progress_bar() as bar:
-        task = bar.add_task(f"Importing {path.name}", total=total)
-        async with database.connect(f"Importing {path.name}") as connection:
-            chunk: list[dict[str, Any]] = []
-            for _, row in _rows(path):
-                chunk.append(row)
-                if len(chunk) == _CHUNK:
-                    await _insert_chunk(
-                        connection, chunk, replace=replace, url=database.masked_url
+    shown = "<stdin>" if name == "-" else name
+    with _readable_twice(name) as path:
+        total = _check_file(path, shown)
+        what = f"Importing {shown}"
+        with progress_bar() as bar:
+            task = bar.add_task(what, total=total)
+            async with contextlib.AsyncExitStack() as stack:
+                connection = await deadline(
+                    stack.enter_async_context(database.connect(what)), what
+                )
+                chunk: list[dict[str, Any]] = []
+                for _, row in _rows(path, shown):
+                    chunk.append(row)
+                    if len(chunk) == _CHUNK:
+                        await deadline(
+                            _insert_chunk(
+                                connection, chunk, replace=replace, url=database.masked_url
+                            ),
+                            what,
+                        )
+                        bar.advance(task, len(chunk))
+                        chunk = []
+                if chunk:
+                    await deadline(
+                        _insert_chunk(connection, chunk, replace=replace, url=database.masked_url),
+                        what,
                     )
                     bar.advance(task, len(chunk))
-                    chunk = []
-            if chunk:
-                await _insert_chunk(connection, chunk, replace=replace, url=database.masked_url)
-                bar.advance(task, len(chunk))
-            total += await import_job_rows(
-                connection, jobs, replace=replace, url=database.masked_url
-            )
+                await deadline(stack.aclose(), what)  # the commit
     return total
 
 
@@ -316,29 +417,76 @@ def _pickle_layout(path: Path) -> bool:
     )
 
 
-async def _load_pickle(path: Path) -> dict[str, Any]:
-    """Everything a ``PicklePersistence`` stored at ``path``, read by PTB's own class."""
+def _unpickling_error(path: Path, cause: BaseException | None, paths: Sequence[Path]) -> str:
+    """Why the objects of the pickle file at ``path`` could not be rebuilt, and what to do."""
+    searched = (
+        f"--path {' '.join(str(p) for p in paths)}"
+        if paths
+        else "no --path was given (the current directory is not searched)"
+    )
+    if isinstance(cause, ModuleNotFoundError):
+        return (
+            f"cannot read {path}: its objects need the module {cause.name!r}, which cannot be "
+            f"imported ({searched}); pass --path DIR, the directory of your bot's modules"
+        )
+    if isinstance(cause, AttributeError) and "__main__" in str(cause):
+        return (
+            f"cannot read {path}: its objects are of classes defined in the bot's __main__ "
+            f"script ({cause}), which no other program can import. Move those classes into a "
+            "module of their own that the bot imports (e.g. models.py), run the bot once so "
+            f"PicklePersistence saves the file again, then run `{PROG} import-pickle --path "
+            "DIR` with the directory of that module"
+        )
+    if isinstance(cause, AttributeError | ImportError):
+        return (
+            f"cannot read {path}: its objects need a class that cannot be found ({cause}; "
+            f"{searched}); pass --path DIR, the directory of your bot's modules"
+        )
+    reason = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
+    return f"cannot read {path}: not a PicklePersistence file{reason}"
+
+
+@contextlib.contextmanager
+def _importable_from(paths: Sequence[Path]) -> Iterator[None]:
+    """Let unpickling import modules from ``paths`` (and only from the usual places else)."""
+    added = [str(p.resolve()) for p in paths]
+    for directory in added:
+        if not Path(directory).is_dir():
+            raise CLIError(f"--path {directory}: not a directory")
+    sys.path[:0] = added
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        for directory in added:
+            sys.path.remove(directory)
+
+
+async def _load_pickle(path: Path, paths: Sequence[Path]) -> dict[str, Any]:
+    """Everything a ``PicklePersistence`` stored at ``path``, read by PTB's own class. This
+    unpickles the file, which runs any code it holds."""
     single_file = _pickle_layout(path)
     source: PicklePersistence[Any, Any, Any] = PicklePersistence(path, single_file=single_file)
     # Pickled data may hold PTB's bot (replaced by a marker when pickled) or objects of the
-    # bot's own modules: a placeholder bot stands in for the first, the current directory is
-    # searched for the second.
+    # bot's own modules: a placeholder bot stands in for the first, --path is searched for
+    # the second.
     source.set_bot(ExtBot(_PLACEHOLDER_TOKEN))
-    sys.path.insert(0, os.getcwd())
     try:
-        data = {
-            "user_data": await source.get_user_data(),
-            "chat_data": await source.get_chat_data(),
-            "bot_data": await source.get_bot_data(),
-            "callback_data": await source.get_callback_data(),
-        }
-        await source.get_conversations("")
+        with _importable_from(paths):
+            data = {
+                "user_data": await source.get_user_data(),
+                "chat_data": await source.get_chat_data(),
+                "bot_data": await source.get_bot_data(),
+                "callback_data": await source.get_callback_data(),
+            }
+            if not single_file:  # a single file holds them (None if never loaded)
+                await source.get_conversations("")
     except TypeError as exc:  # how PicklePersistence reports unreadable files
         cause = exc.__cause__
-        reason = f"{exc} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
-        raise CLIError(f"cannot read {path}: {reason}") from exc
-    finally:
-        sys.path.remove(os.getcwd())
+        if cause is None or isinstance(cause, pickle.UnpicklingError | EOFError):
+            reason = f"{exc} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
+            raise CLIError(f"cannot read {path}: {reason}") from exc
+        raise CLIError(_unpickling_error(path, cause, paths)) from exc
     conversations = {
         name: {key: state for key, state in states.items() if state is not None}
         for name, states in (source.conversations or {}).items()
@@ -376,55 +524,75 @@ def _check_encodable(codec: Codec, data: dict[str, Any]) -> None:
 
 
 async def import_pickle(
-    url: Any, path: Path, *, codec_name: str = "json", overwrite: bool = False
+    url: Any,
+    path: Path,
+    *,
+    codec_name: str = "json",
+    replace: bool = False,
+    paths: Sequence[Path] = (),
+    deadline: Deadline,
 ) -> dict[str, int]:
     """Copy the data of a ``PicklePersistence`` into the database through
     :class:`~ptb_sessions.SQLAlchemyPersistence`'s own ``update_*`` methods, then
     :meth:`~ptb_sessions.SQLAlchemyPersistence.flush`, so the rows are exactly those the
-    persistence would write. Creates or upgrades the schema if needed.
+    persistence would write. Creates or upgrades the schema if needed. Reading the file runs
+    any code it holds (it is a pickle); the classes of its objects are imported from
+    ``paths``.
 
     Returns:
         How many entries of each kind were copied.
 
     Raises:
-        CLIError: The file is missing or unreadable, a value cannot be encoded, or the
-            database already holds PTB data (without ``overwrite``).
+        CLIError: The file is missing or unreadable, a class of its objects cannot be
+            imported, a value cannot be encoded, or the database already holds PTB data
+            (without ``replace``).
     """
-    data = await _load_pickle(path)
+    data = await _load_pickle(path, paths)
     codec: Codec = PickleCodec() if codec_name == "pickle" else JSONCodec()
     _check_encodable(codec, data)
-    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url, codec=codec)
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+        url, codec=codec, timeout=deadline.seconds
+    )
     database = persistence.database
     try:
-        if not overwrite:
-            await database.ensure_schema()
+        if not replace:
+            await deadline(database.ensure_schema(), "Checking the schema")
             taken = [
                 f"{namespace} ({rows} rows)"
-                for namespace, rows, _, _ in await database.stats()
+                for namespace, rows, _, _ in await deadline(database.stats(), "Counting rows")
                 if namespace in BUILTIN_NAMESPACES or namespace.startswith("conversation:")
             ]
             if taken:
                 raise CLIError(
                     f"the database {database.masked_url} already holds PTB data: "
-                    f"{', '.join(taken)}; nothing was imported (pass --overwrite to replace "
+                    f"{', '.join(taken)}; nothing was imported (pass --replace to replace "
                     "the entries of the pickle file and keep the others)"
                 )
-        # Load what is stored, as Application.initialize does, so overwritten rows are written
+        # Load what is stored, as Application.initialize does, so replaced rows are written
         # with their current versions.
-        await persistence.get_user_data()
-        await persistence.get_chat_data()
-        await persistence.get_bot_data()
-        await persistence.get_callback_data()
-        for name in data["conversations"]:
-            await persistence.get_conversations(name)
-        counts = await _write_pickled(persistence, data, path)
-    finally:
-        await persistence.flush()
+        loads: list[Awaitable[Any]] = [
+            persistence.get_user_data(),
+            persistence.get_chat_data(),
+            persistence.get_bot_data(),
+            persistence.get_callback_data(),
+        ]
+        loads.extend(persistence.get_conversations(name) for name in data["conversations"])
+        for load in loads:
+            await deadline(load, "Reading the stored data")
+        counts = await _write_pickled(persistence, data, path, deadline)
+        await deadline(persistence.flush(), "Writing the rows")
+    except BaseException:
+        with contextlib.suppress(CLIError):
+            await deadline(database.dispose(), "Closing the connections")
+        raise
     return counts
 
 
 async def _write_pickled(
-    persistence: SQLAlchemyPersistence[Any, Any, Any], data: dict[str, Any], path: Path
+    persistence: SQLAlchemyPersistence[Any, Any, Any],
+    data: dict[str, Any],
+    path: Path,
+    deadline: Deadline,
 ) -> dict[str, int]:
     calls: list[Any] = []
     counts = {"user_data": 0, "chat_data": 0, "bot_data": 0, "callback_data": 0}
@@ -450,6 +618,8 @@ async def _write_pickled(
             chunk = calls[start : start + _CHUNK]
             # started in one loop iteration, like Application.update_persistence does: the
             # persistence writes each chunk in one transaction
-            await asyncio.gather(*(method(*args) for method, args in chunk))
+            await deadline(
+                asyncio.gather(*(method(*args) for method, args in chunk)), "Writing the rows"
+            )
             bar.advance(task, len(chunk))
     return counts

@@ -29,7 +29,7 @@ from telegram.ext import (
 )
 from telegram.request import BaseRequest, RequestData
 
-from ptb_sessions._cli_common import progress_bar
+from ptb_sessions._cli_common import DEFAULT_TIMEOUT, Deadline, progress_bar
 from ptb_sessions._codec import JSONCodec
 from ptb_sessions._sessioncontext import SessionContext
 from ptb_sessions._sessionhandler import SessionHandler
@@ -175,9 +175,9 @@ def simulated_updates(chats: int, updates: int) -> Iterator[dict[str, Any]]:
         yield {"update_id": number, "message": message}
 
 
-async def count_pizzas(url: URL) -> dict[str, int]:
+async def count_pizzas(url: URL, timeout: float = DEFAULT_TIMEOUT) -> dict[str, int]:
     """The pizza count of every chat stored in the database at ``url``."""
-    database = Database(url)
+    database = Database(url, timeout=timeout)
     codec = JSONCodec()
     counts: dict[str, int] = {}
     try:
@@ -216,24 +216,30 @@ def _application(
     return application
 
 
-async def run_offline(url: URL, *, chats: int, updates: int) -> DemoResult:
+async def run_offline(url: URL, *, chats: int, updates: int, deadline: Deadline) -> DemoResult:
     """Run the pizza bot offline on :func:`simulated_updates`, storing the counters at
-    ``url`` (the schema is created if needed)."""
-    before = await count_pizzas(url)
-    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url)
+    ``url`` (the schema is created if needed); ``deadline`` bounds each database call."""
+    before = await deadline(count_pizzas(url, deadline.seconds), "Reading the counters")
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+        url, timeout=deadline.seconds
+    )
     request = OfflineRequest()
     builder = ApplicationBuilder().token(_TOKEN).request(request).get_updates_request(request)
     application = _application(persistence, builder.updater(None))
     with progress_bar() as bar:
         task = bar.add_task("Feeding updates", total=updates)
-        async with application:  # initialize() ... shutdown(), which flushes the persistence
+        await deadline(application.initialize(), "Loading the stored data")
+        try:
             started = time.perf_counter()
             for data in simulated_updates(chats, updates):
                 update = Update.de_json(data, application.bot)
-                await application.process_update(update)
+                await deadline(application.process_update(update), "Processing an update")
                 bar.advance(task)
             seconds = time.perf_counter() - started
-    after = await count_pizzas(url)
+        finally:
+            # shutdown() flushes the persistence
+            await deadline(application.shutdown(), "Writing the counters")
+    after = await deadline(count_pizzas(url, deadline.seconds), "Reading the counters")
     return DemoResult(updates, seconds, request.sent, before, after)
 
 

@@ -11,7 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -125,6 +125,44 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         "max_cached",
         "max_value_size",
     )
+
+    @overload
+    def __init__(
+        self: SQLAlchemyPersistence[dict[Any, Any], dict[Any, Any], dict[Any, Any]],
+        url: str | URL | AsyncEngine = DEFAULT_URL,
+        *,
+        store_data: PersistenceInput | None = None,
+        update_interval: float = 60,
+        lazy: bool = False,
+        max_cached: int | None = None,
+        ttl: float | dtm.timedelta | None = None,
+        migrations: Mapping[float, Callable[[Any], Any]] | None = None,
+        codec: Codec | None = None,
+        auto_upgrade: bool = True,
+        context_types: None = None,
+        clock: Callable[[], float] = time.time,
+        max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self: SQLAlchemyPersistence[UD, CD, BD],
+        url: str | URL | AsyncEngine = DEFAULT_URL,
+        *,
+        store_data: PersistenceInput | None = None,
+        update_interval: float = 60,
+        lazy: bool = False,
+        max_cached: int | None = None,
+        ttl: float | dtm.timedelta | None = None,
+        migrations: Mapping[float, Callable[[Any], Any]] | None = None,
+        codec: Codec | None = None,
+        auto_upgrade: bool = True,
+        context_types: ContextTypes[Any, UD, CD, BD],
+        clock: Callable[[], float] = time.time,
+        max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None: ...
 
     def __init__(
         self,

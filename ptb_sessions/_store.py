@@ -35,7 +35,7 @@ from ptb_sessions import _alembic
 from ptb_sessions._dialects import AUTOCOMMIT_OPTION, Dialect, dialect_for
 from ptb_sessions._errors import ConflictError, SchemaError, StorageError
 from ptb_sessions._schema import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, StoredRow
-from ptb_sessions._url import mask_url, to_async_url
+from ptb_sessions._url import mask_secrets, mask_url, to_async_url
 
 __all__ = ["ANY_VERSION", "DEFAULT_TIMEOUT", "Database", "PendingWrites", "Record", "Write"]
 
@@ -448,8 +448,7 @@ class Database:
             )
         detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         reason = detail[0] if detail else type(exc).__name__
-        if self._url.password:
-            reason = reason.replace(str(self._url.password), "***")
+        reason = mask_secrets(reason, self._url)
         return StorageError(f"{what} failed on {self.masked_url}: {type(exc).__name__}: {reason}")
 
     def is_connection_error(self, exc: BaseException) -> bool:
@@ -523,7 +522,7 @@ class Database:
     async def _upgrade_if_allowed(self) -> str | None:
         """The schema revision, after upgrading to head if ``auto_upgrade``."""
         head = _alembic.head_revision()
-        current = await _alembic.current_revision(self.engine)
+        current = await _alembic.checked_revision(self.engine, create=self.auto_upgrade)
         if current == head or not self.auto_upgrade:
             return current
         async with self._dialect.schema_lock(self.engine):

@@ -3,19 +3,26 @@ backend, and as a subprocess where only a real process shows a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import base64
 import fractions
+import io
 import json
 import os
+import pickle
+import socket
+import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _bot import builder, message_update, process
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
@@ -25,17 +32,26 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
     ConversationHandler,
+    ExtBot,
     MessageHandler,
     PicklePersistence,
     filters,
 )
 
-from ptb_sessions import PickleCodec, SQLAlchemyPersistence, _alembic, _cli_transfer, _demo
+from ptb_sessions import (
+    PickleCodec,
+    SchemaError,
+    SQLAlchemyPersistence,
+    StorageError,
+    _alembic,
+    _cli_transfer,
+    _demo,
+)
 from ptb_sessions._demo import count_pizzas
 from ptb_sessions._schema import StoredRow
 from ptb_sessions._sessionhandler import SessionHandler
-from ptb_sessions._url import to_async_url
-from ptb_sessions.cli import main
+from ptb_sessions._url import mask_url, to_async_url
+from ptb_sessions.cli import build_parser, main
 
 UNREACHABLE = "postgresql://someone:s3cr3t-pw@127.0.0.1:1/nothing"
 UNREACHABLE_MARIADB = "mysql://someone:s3cr3t-pw@127.0.0.1:1/nothing"
@@ -218,7 +234,12 @@ def test_stats_show_and_purge_expired(db_url: str, capsys: pytest.CaptureFixture
     code, out, _ = cli(capsys, "--url", db_url, "show", "user_data", "8")
     assert code == 0
     assert "data version 2.5" in out
-    code, out, _ = cli(capsys, "--url", db_url, "show", "pickled", "f")
+    code, out, err = cli(capsys, "--url", db_url, "show", "pickled", "f")
+    assert code == 0
+    assert "codec pickle" in out
+    assert "Fraction" not in out
+    assert "--allow-pickle" in err
+    code, out, _ = cli(capsys, "--url", db_url, "show", "pickled", "f", "--allow-pickle")
     assert code == 0
     assert "Fraction(1, 3)" in out
     code, out, _ = cli(capsys, "--url", db_url, "show", "user_data", "9")
@@ -234,12 +255,14 @@ def test_stats_show_and_purge_expired(db_url: str, capsys: pytest.CaptureFixture
     assert_one_error_line(code, err, "chat ids", "'abc'")
     code, _, err = cli(capsys, "--url", db_url, "show", "chat_data", "42")
     assert_one_error_line(code, err, "chat_data['42'] is not stored")
-    code, _, err = cli(capsys, "--url", db_url, "show", "session")
-    assert_one_error_line(code, err, "KEY")
+    code, out, err = cli(capsys, "--url", db_url, "show", "session")
+    assert code == 0
+    assert out.splitlines() == ["10", "9", "B", "Z", "_x", "a", "a b", "ä", "é"]
+    assert err == "(9 keys)\n"
 
     code, out, err = cli(capsys, "--url", db_url, "purge-expired")
     assert (code, err) == (0, "")
-    assert "deleted 1 expired rows" in out
+    assert "deleted 1 expired row from" in out
     code, out, _ = cli(capsys, "--url", db_url, "stats")
     assert _table_row(out, "user_data") == ["2", _table_row(out, "user_data")[1], "0"]
     code, _, err = cli(capsys, "--url", db_url, "show", "user_data", "9")
@@ -301,7 +324,7 @@ def test_export_import_round_trip(
     assert '"key":"é"' in backup.read_text(encoding="utf-8")  # readable, not \u escapes
 
     # into an empty, unmigrated database
-    assert cli(capsys, "--url", db_url, "db", "downgrade", "base")[0] == 0
+    assert cli(capsys, "--url", db_url, "db", "downgrade", "base", "--yes")[0] == 0
     code, out, err = cli(capsys, "--url", db_url, "import", str(backup))
     assert (code, err) == (0, "")
     assert f"imported {len(before)} rows" in out
@@ -347,7 +370,7 @@ def test_import_of_a_bad_file_names_the_line_and_writes_nothing(
     asyncio.run(populate(db_url))
     backup = tmp_path / "backup.jsonl"
     assert cli(capsys, "--url", db_url, "export", str(backup))[0] == 0
-    assert cli(capsys, "--url", db_url, "db", "downgrade", "base")[0] == 0
+    assert cli(capsys, "--url", db_url, "db", "downgrade", "base", "--yes")[0] == 0
     text, line = _corrupt(backup.read_text(encoding="utf-8").splitlines(True), how)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(text, encoding="utf-8")
@@ -489,8 +512,8 @@ def test_import_pickle_gives_the_same_data(
 
     # a second import would overwrite: refused unless asked for
     code, _, err = cli(capsys, "--url", db_url, "import-pickle", str(path))
-    assert_one_error_line(code, err, "already holds PTB data", "--overwrite")
-    code, _, err = cli(capsys, "--url", db_url, "import-pickle", "--overwrite", str(path))
+    assert_one_error_line(code, err, "already holds PTB data", "--replace")
+    code, _, err = cli(capsys, "--url", db_url, "import-pickle", "--replace", str(path))
     assert (code, err) == (0, "")
     assert asyncio.run(_load_sqlalchemy(db_url))[0]["chat_data"][-100123] == {"messages": 1}
 
@@ -556,8 +579,7 @@ def test_demo_with_a_token_polls_the_same_bot(
 
     monkeypatch.setattr(_demo, "bot_username", username)
     monkeypatch.setattr(Application, "run_polling", run_polling)
-    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "42:from-env")
-    code, out, err = cli(capsys, "demo")
+    code, out, err = cli(capsys, "demo", "--token", "42:from-env")
     assert (code, err) == (0, "")
     assert "@pizza_bot" in out
     assert out.splitlines()[-1] == "total pizzas: 0"
@@ -698,3 +720,514 @@ def test_console_script_prints_no_traceback(argv: list[str], tmp_path: Path) -> 
     assert result.stderr.startswith("ptb-sessions: error: ")
     assert "Traceback" not in result.stderr
     assert "s3cr3t-pw" not in result.stdout + result.stderr
+
+
+# -- safe to operate (issue 10) ---------------------------------------------------------------
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        full = dict.fromkeys(_cli_transfer.FIELDS)
+        full.update(codec="json", data="{}", version=1, touched_at=1.0)
+        full.update(row)
+        lines.append(json.dumps(full) + "\n")
+    return "".join(lines)
+
+
+def _import_rows(
+    capsys: pytest.CaptureFixture[str], url: str, path: Path, rows: list[dict[str, Any]]
+) -> None:
+    path.write_text(_jsonl(rows), encoding="utf-8")
+    code, _, err = cli(capsys, "--url", url, "import", str(path))
+    assert (code, err) == (0, "")
+
+
+def test_downgrade_that_drops_rows_needs_yes(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(populate(db_url))
+    before = all_rows(db_url)
+    head = _alembic.head_revision()
+    for target in ("base", "-1"):
+        code, out, err = cli(capsys, "--url", db_url, "db", "downgrade", target)
+        assert_one_error_line(
+            code, err, f"would destroy {len(before)} stored rows", "export", "--yes"
+        )
+        assert out == ""
+        assert revision(db_url) == head
+        assert all_rows(db_url) == before
+    code, out, err = cli(capsys, "--url", db_url, "db", "downgrade", "-1", "--yes")
+    assert (code, err) == (0, "")
+    assert f"{head} -> none" in out
+    assert revision(db_url) is None
+
+
+def test_db_upgrade_head_is_accepted(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(capsys, "--url", db_url, "db", "upgrade", "head")
+    assert (code, err) == (0, "")
+    assert f"none -> {_alembic.head_revision()}" in out
+    assert revision(db_url) == _alembic.head_revision()
+
+
+def test_export_dash_is_standard_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'bot.sqlite3'}"
+    asyncio.run(populate(url))
+    rows = all_rows(url)
+    code, out, err = cli(capsys, "--url", url, "export", "-")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == len(rows)
+    assert all(isinstance(json.loads(line), dict) for line in lines)  # only the rows
+    assert f"exported {len(rows)} rows" in err
+    assert "standard output" in err
+    assert not (tmp_path / "-").exists()
+
+    # and `import -` reads them back from standard input
+    assert cli(capsys, "--url", url, "db", "downgrade", "base", "--yes")[0] == 0
+    stdin = io.TextIOWrapper(io.BytesIO(out.encode("utf-8")), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "stdin", stdin)
+        code, out2, err = cli(capsys, "--url", url, "import", "-")
+    assert (code, err) == (0, "")
+    assert f"imported {len(rows)} rows from standard input" in out2
+    assert all_rows(url) == rows
+
+
+def test_export_never_replaces_a_file_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'bot.sqlite3'}"
+    asyncio.run(populate(url))
+    count = len(all_rows(url))
+    existing = tmp_path / "existing.jsonl"
+    existing.write_text("precious\n", encoding="utf-8")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(existing)
+    for target in (existing, link):
+        code, _, err = cli(capsys, "--url", url, "export", str(target))
+        assert_one_error_line(code, err, f"{target} already exists", "--force")
+        assert existing.read_text(encoding="utf-8") == "precious\n"
+    assert link.is_symlink()
+
+    # --force through the symlink replaces its target; the symlink stays a symlink
+    code, _, err = cli(capsys, "--url", url, "export", str(link), "--force")
+    assert (code, err) == (0, "")
+    assert link.is_symlink()
+    assert link.resolve() == existing.resolve()
+    assert len(existing.read_text(encoding="utf-8").splitlines()) == count
+    existing.write_text("precious\n", encoding="utf-8")
+    code, _, err = cli(capsys, "--url", url, "export", str(existing), "--force")
+    assert (code, err) == (0, "")
+    assert len(existing.read_text(encoding="utf-8").splitlines()) == count
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_export_writes_through_a_pipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'bot.sqlite3'}"
+    asyncio.run(populate(url))
+    count = len(all_rows(url))
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "pipe-link"
+    link.symlink_to(fifo)
+    received: list[bytes] = []
+
+    def read() -> None:
+        with fifo.open("rb") as pipe:
+            received.append(pipe.read())
+
+    for target in (fifo, link):
+        reader = threading.Thread(target=read)
+        reader.start()
+        code, _, err = cli(capsys, "--url", url, "export", str(target))
+        reader.join(60)
+        assert (code, err) == (0, "")
+        assert stat.S_ISFIFO(fifo.lstat().st_mode)  # written through, never replaced
+        assert len(received.pop().decode("utf-8").splitlines()) == count
+    assert link.is_symlink()
+
+
+class _Payload:
+    """Unpickling it creates the file ``path``: stands for any code a planted row runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+def test_read_commands_never_unpickle(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "code-ran"
+    planted = base64.b64encode(pickle.dumps(_Payload(marker))).decode("ascii")
+    _import_rows(
+        capsys,
+        db_url,
+        tmp_path / "planted.jsonl",
+        [
+            {"namespace": "session", "key": "1", "codec": "pickle", "data": planted},
+            {"namespace": "chat_data", "key": "5", "codec": "pickle", "data": planted},
+        ],
+    )
+    for argv in (
+        ["show", "session", "1"],
+        ["show", "chat_data", "5"],
+        ["show", "session"],
+        ["keys", "session"],
+        ["stats"],
+        ["export", "out.jsonl"],
+    ):
+        code, out, err = cli(capsys, "--url", db_url, *argv)
+        assert code == 0, err
+        assert not marker.exists(), argv
+    code, out, err = cli(capsys, "--url", db_url, "show", "session", "1")
+    assert f"codec pickle, {len(planted)} bytes" in out
+    assert "--allow-pickle" in err
+    # the payload is real: --allow-pickle runs it
+    code, out, err = cli(capsys, "--url", db_url, "show", "session", "1", "--allow-pickle")
+    assert code == 0, err
+    assert marker.exists()
+
+
+HOSTILE_NAMESPACES = [
+    "[/]",
+    "[link=https://evil.example]click[/link]",
+    "esc\x1b[31mred",
+    "bell\x07\x9b",
+    ":pizza:",
+    "rtl\u202eoverride",
+]
+
+
+def test_database_values_are_printed_literally(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [{"namespace": ns, "key": f"k\x1b[2J{i}"} for i, ns in enumerate(HOSTILE_NAMESPACES)]
+    rows.append({"namespace": "session", "key": "x", "codec": "json", "data": '"\x1b]8;;x\x07"'})
+    _import_rows(capsys, db_url, tmp_path / "hostile.jsonl", rows)
+    code, out, err = cli(capsys, "--url", db_url, "stats")
+    assert (code, err) == (0, "")
+    for shown in (
+        "[/]",
+        "[link=https://evil.example]click[/link]",
+        "esc\\x1b[31mred",
+        "bell\\x07\\x9b",
+        ":pizza:",
+        "rtl\\u202eoverride",
+    ):
+        assert shown in out
+    outputs = [out]
+    code, out, err = cli(capsys, "--url", db_url, "keys", "esc\x1b[31mred")
+    assert (code, out) == (0, "k\\x1b[2J2\n")
+    outputs.append(out + err)
+    code, out, err = cli(capsys, "--url", db_url, "show", "[/]", "k\x1b[2J0")
+    assert code == 0, err
+    assert out.startswith("[/]['k\\x1b[2J0']")
+    outputs.append(out + err)
+    code, out, err = cli(capsys, "--url", db_url, "show", "session", "x", "--raw")
+    assert code == 0, err
+    assert out.splitlines()[-1] == '"\\x1b]8;;x\\x07"'
+    outputs.append(out + err)
+    code, _, err = cli(capsys, "--url", db_url, "show", "nonsense")
+    assert_one_error_line(code, err, "unknown namespace 'nonsense'", "esc\\x1b[31mred")
+    outputs.append(err)
+    for printed in outputs:
+        assert "\x1b" not in printed
+        assert "\x07" not in printed
+        assert "\u202e" not in printed
+        assert "\N{SLICE OF PIZZA}" not in printed
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://someone@127.0.0.1:1/nothing?password=s3cr3t-pw",
+        "mysql://someone@127.0.0.1:1/nothing?charset=utf8mb4&password=s3cr3t-pw",
+        "postgresql://someone:s3cr3t@pw-x9@127.0.0.1:1/nothing",
+        "postgresql://someone:s3cr3t%40pw-x9@127.0.0.1:1/nothing",
+    ],
+    ids=["query-password", "query-password-mysql", "at-sign", "escaped-at-sign"],
+)
+def test_passwords_are_masked_wherever_the_url_has_them(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def leaks(text: str) -> list[str]:
+        return [part for part in ("s3cr3t", "pw-x9", "%40pw") if part in text]
+
+    assert leaks(mask_url(url)) == []
+    assert "***" in mask_url(url)
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url)
+    assert leaks(repr(persistence)) == []
+    assert "127.0.0.1:1" in repr(persistence)  # the host is the real one, after the last @
+    with pytest.raises(StorageError) as caught:
+        asyncio.run(persistence.get_bot_data())
+    assert leaks(str(caught.value)) == []
+    assert "127.0.0.1:1" in str(caught.value)
+    code, out, err = cli(capsys, "--url", url, "stats")
+    assert_one_error_line(code, err, "127.0.0.1:1", "***")
+    assert leaks(out + err) == []
+
+
+def _set_revision(url: str, value: str) -> None:
+    async def run() -> None:
+        engine = create_async_engine(to_async_url(url), poolclass=NullPool)
+        try:
+            async with engine.begin() as connection:
+                await connection.execute(
+                    text(f"UPDATE {_alembic.VERSION_TABLE} SET version_num = :v"), {"v": value}
+                )
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+def test_database_at_a_newer_revision_is_left_untouched(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(populate(db_url))
+    _set_revision(db_url, "0099")
+    before = all_rows(db_url)
+    for auto_upgrade in (True, False):
+        persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+            db_url, auto_upgrade=auto_upgrade
+        )
+        with pytest.raises(SchemaError) as caught:
+            asyncio.run(persistence.get_bot_data())
+        message = str(caught.value)
+        assert "revision 0099" in message
+        assert "newer than this version of ptb-sessions knows" in message
+        assert "Upgrade ptb-sessions" in message
+        asyncio.run(persistence.database.dispose())
+    for argv in (["db", "upgrade"], ["db", "downgrade", "base", "--yes"], ["db", "check"]):
+        code, out, err = cli(capsys, "--url", db_url, *argv)
+        assert_one_error_line(code, err, "revision 0099", "newer", "Upgrade ptb-sessions")
+        assert out == ""
+    for argv in (["stats"], ["show", "bot_data"], ["export", "out.jsonl"]):
+        code, _, err = cli(capsys, "--url", db_url, *argv)
+        assert_one_error_line(code, err, "revision 0099", "newer")
+    code, out, _ = cli(capsys, "--url", db_url, "db", "current")
+    assert (code, out.split()[0]) == (0, "0099")
+    assert "newer" in out
+    assert revision(db_url) == "0099"
+    assert all_rows(db_url) == before
+
+
+def test_auto_upgrade_false_leaves_no_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+        f"sqlite:///{path}", auto_upgrade=False
+    )
+    with pytest.raises(SchemaError, match="db upgrade"):
+        asyncio.run(persistence.get_bot_data())
+    asyncio.run(persistence.database.dispose())
+    assert not path.exists()
+
+
+def test_sqlite_url_with_two_slashes_gets_a_hint(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "--url", "sqlite://bot.sqlite3", "db", "upgrade")
+    assert_one_error_line(code, err, "three slashes", "sqlite:///bot.sqlite3")
+    with pytest.raises(ValueError, match="three slashes"):
+        SQLAlchemyPersistence("sqlite://bot.sqlite3")
+
+
+def test_keys_with_prefix_and_limit(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    asyncio.run(populate(db_url))
+    code, out, err = cli(capsys, "--url", db_url, "keys", "session")
+    assert (code, out.splitlines()) == (0, ["10", "9", "B", "Z", "_x", "a", "a b", "ä", "é"])
+    assert err == "(9 keys)\n"
+    code, out, err = cli(capsys, "--url", db_url, "keys", "session", "--prefix", "a")
+    assert (code, out.splitlines(), err) == (0, ["a", "a b"], "(2 keys starting with 'a')\n")
+    code, out, err = cli(capsys, "--url", db_url, "keys", "session", "--limit", "3")
+    assert (code, out.splitlines()) == (0, ["10", "9", "B"])
+    assert err == "(3 of 9 keys; --limit shows more)\n"
+    code, out, err = cli(capsys, "--url", db_url, "keys", "session", "--prefix", "_")
+    assert (code, out.splitlines(), err) == (0, ["_x"], "(1 key starting with '_')\n")
+    code, out, err = cli(capsys, "--url", db_url, "keys", "session", "--prefix", "%")
+    assert (code, out, err) == (0, "", "(0 keys starting with '%')\n")  # no LIKE wildcards
+    code, out, _ = cli(capsys, "--url", db_url, "keys", "user_data")
+    assert (code, out.splitlines()) == (0, ["7", "8", "9"])
+    code, out, err = cli(capsys, "--url", db_url, "keys", "sesion")
+    assert_one_error_line(code, err, "unknown namespace 'sesion'", "this database has", "session")
+    code, out, err = cli(capsys, "--url", db_url, "show", "sesion")
+    assert_one_error_line(code, err, "unknown namespace 'sesion'", "this database has", "session")
+
+
+def _subcommands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> Iterator[Any]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*prefix, name), sub
+                yield from _subcommands(sub, (*prefix, name))
+
+
+def test_every_subcommand_help_has_a_description(capsys: pytest.CaptureFixture[str]) -> None:
+    names = []
+    for argv, parser in _subcommands(build_parser()):
+        names.append(" ".join(argv))
+        code, out, _ = cli(capsys, *argv, "--help")
+        assert code == 0
+        assert parser.description, argv
+        assert " ".join(parser.description.split()[:4]) in " ".join(out.split()), argv
+    assert {"db upgrade", "db downgrade", "keys", "show", "import-pickle", "demo"} <= set(names)
+    code, out, _ = cli(capsys, "--help")
+    read_commands = " ".join(out.split()).split("read commands", 1)[1].split(")", 1)[0]
+    assert "stats" in read_commands
+    assert "purge-expired" not in read_commands
+
+
+def test_import_and_purge_say_one_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'bot.sqlite3'}"
+    path = tmp_path / "one.jsonl"
+    path.write_text(_jsonl([{"namespace": "session", "key": "1", "expires_at": 5.0}]))
+    code, out, _ = cli(capsys, "--url", url, "import", str(path))
+    assert (code, f"imported 1 row from {path}" in out) == (0, True)
+    code, out, _ = cli(capsys, "--url", url, "export", "out.jsonl")
+    assert (code, "exported 1 row from" in out) == (0, True)
+    code, out, _ = cli(capsys, "--url", url, "purge-expired")
+    assert (code, "deleted 1 expired row from" in out) == (0, True)
+
+
+def test_demo_goes_online_only_with_an_explicit_token(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def username(token: str) -> str:
+        raise AssertionError("the demo went online")
+
+    monkeypatch.setattr(_demo, "bot_username", username)
+    monkeypatch.setenv("TELEGRAM_BOT_TOKEN", "42:from-env")
+    code, out, err = cli(capsys, "demo", "--chats", "3", "--updates", "20")
+    assert (code, err) == (0, "")
+    assert "updates/s" in out  # the offline run
+    assert out.splitlines()[-1].startswith("total pizzas: ")
+
+
+def test_demo_refuses_a_database_with_other_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bot.sqlite3"
+    url = f"sqlite:///{path}"
+    asyncio.run(populate(url))
+    before = all_rows(url)
+    code, out, err = cli(capsys, "demo", "--db", str(path), "--updates", "20")
+    assert_one_error_line(code, err, "holds other data", "chat_data", "--db", "--yes")
+    assert out == ""
+    assert all_rows(url) == before
+    code, out, err = cli(capsys, "--url", url, "demo", "--updates", "20")
+    assert_one_error_line(code, err, "holds other data")
+    assert all_rows(url) == before
+    code, out, err = cli(capsys, "demo", "--db", str(path), "--updates", "20", "--yes")
+    assert (code, err) == (0, "")
+    assert len(all_rows(url)) > len(before)
+
+
+@pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
+@pytest.mark.parametrize("argv", [["stats"], ["db", "upgrade"], ["export", "-"]], ids=str)
+def test_a_server_that_never_answers_gives_one_line_within_timeout(
+    scheme: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as silent:  # accepts connections (the backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        url = f"{scheme}://someone:s3cr3t-pw@127.0.0.1:{port}/nothing"
+        code, out, err = cli(capsys, "--url", url, "--timeout", "0.5", *argv)
+    assert_one_error_line(code, err, "no answer within 0.5 s", "***")
+    assert out == ""
+    assert "s3cr3t-pw" not in err
+
+
+_CART_MODULE = """
+class Cart:
+    def __init__(self, items):
+        self.items = items
+
+    def __eq__(self, other):
+        return isinstance(other, Cart) and other.items == self.items
+"""
+
+
+def _pickle_with(path: Path, value: Any) -> None:
+    async def write() -> None:
+        persistence: PicklePersistence[Any, Any, Any] = PicklePersistence(path)
+        persistence.set_bot(ExtBot("123:placeholder"))
+        # what Application.initialize loads
+        await persistence.get_user_data()
+        await persistence.get_chat_data()
+        await persistence.get_bot_data()
+        await persistence.get_callback_data()
+        await persistence.update_chat_data(5, {"cart": value})
+        await persistence.flush()
+
+    asyncio.run(write())
+
+
+def test_import_pickle_finds_classes_only_through_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    modules = tmp_path / "botmodules"
+    modules.mkdir()
+    (modules / "ptbs_cartmod.py").write_text(_CART_MODULE, encoding="utf-8")
+    # the current directory holds the module too: it must not be searched
+    (tmp_path / "ptbs_cartmod.py").write_text(_CART_MODULE, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(modules))
+    import ptbs_cartmod  # type: ignore[import-not-found]
+
+    path = tmp_path / "bot.pickle"
+    _pickle_with(path, ptbs_cartmod.Cart([1, 2]))
+    monkeypatch.delitem(sys.modules, "ptbs_cartmod")
+    sys.path.remove(str(modules))
+    url = f"sqlite:///{tmp_path / 'bot.sqlite3'}"
+
+    code, _, err = cli(capsys, "--url", url, "import-pickle", str(path), "--codec", "pickle")
+    assert_one_error_line(code, err, "'ptbs_cartmod'", "cannot be imported", "--path DIR")
+    assert not (tmp_path / "bot.sqlite3").exists()
+    code, _, err = cli(
+        capsys, "--url", url, "import-pickle", str(path), "--codec", "pickle", "--path", "nowhere"
+    )
+    assert_one_error_line(code, err, "--path", "nowhere", "not a directory")
+
+    code, out, err = cli(
+        capsys,
+        "--url",
+        url,
+        "import-pickle",
+        str(path),
+        "--codec",
+        "pickle",
+        "--path",
+        str(modules),
+    )
+    assert (code, err) == (0, ""), err
+    assert str(modules) not in sys.path  # only while reading the file
+    code, out, _ = cli(capsys, "--url", url, "show", "chat_data", "5", "--allow-pickle")
+    assert code == 0
+    assert "Cart object" in out
+
+
+def test_import_pickle_of_classes_from_the_bots_main_says_how_to_fix_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main_module = sys.modules["__main__"]
+    cart = type("BotMainCart", (), {"__module__": "__main__"})
+    monkeypatch.setattr(main_module, "BotMainCart", cart, raising=False)
+    path = tmp_path / "bot.pickle"
+    _pickle_with(path, cart())
+    monkeypatch.delattr(main_module, "BotMainCart")
+    code, _, err = cli(capsys, "import-pickle", str(path), "--codec", "pickle")
+    assert_one_error_line(
+        code, err, "BotMainCart", "__main__", "into a module of their own", "--path DIR"
+    )
+
+
+def test_import_pickle_help_warns_that_it_runs_code(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli(capsys, "import-pickle", "--help")
+    assert code == 0
+    flat = " ".join(out.split())
+    assert "WARNING: reading a pickle file runs any code it holds" in flat
+    assert "--path DIR" in flat

@@ -1,8 +1,11 @@
-"""Acceptance: the built wheel, installed in a fresh virtual environment, migrates SQLite and a
-new PostgreSQL database with its ``ptb-sessions`` command, run outside the checkout.
+"""Acceptance: the README's commands, run as written in a copy of the checkout and a fresh
+virtual environment (``pip install . && ptb-sessions demo``), and the installed
+``ptb-sessions`` command migrating SQLite and a new PostgreSQL database outside the checkout.
 
-One wheel and one environment serve every test of this module (module-scoped fixture). The
-dependencies come from the configured package index (pip's cache is reused).
+One environment serves every test of this module (module-scoped fixture). The dependencies
+come from the configured package index (pip's cache is reused). Every command in README.rst is
+run here (the deployment lines with the test database for their example URL), except the test
+command, which ``.ci/run`` runs as written.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from sqlalchemy.pool import NullPool
 from ptb_sessions import _alembic
 
 ROOT = Path(__file__).resolve().parents[1]
+#: One pytest-xdist worker runs this whole module, so its environment is built once.
+pytestmark = pytest.mark.xdist_group("wheel")
 _NOT_SHIPPED = shutil.ignore_patterns(
     ".git",
     ".venv*",
@@ -71,31 +76,85 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return built
 
 
-@pytest.fixture(scope="module")
-def command(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The ``ptb-sessions`` script of a fresh virtual environment with the wheel installed."""
-    venv = tmp_path_factory.mktemp("venv") / "venv"
-    # no pip inside (faster): this interpreter's pip installs into it
-    _check(_run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=venv.parent))
-    python = venv / "bin" / "python"
-    _check(
-        _run(
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            python,
-            "install",
-            "-q",
-            wheel,
-            cwd=venv.parent,
-        )
+#: The README's commands: the demo (which installs first), the install alone, the test
+#: command (run by .ci/run), and the deployment lines with their example URL.
+README_DEMO = "pip install . && ptb-sessions demo"
+README_INSTALL = "pip install ."
+README_TESTS = 'pip install -e ".[test]" && python -m pytest -q -n 2'
+EXAMPLE_URL = "postgresql://bot@db/bot"
+README_DEPLOY = (
+    f"ptb-sessions --url {EXAMPLE_URL} db upgrade",
+    f"ptb-sessions --url {EXAMPLE_URL} db check     # exits non-zero if not at head",
+    f"alembic -x url={EXAMPLE_URL} upgrade head",
+)
+
+
+def readme_commands() -> list[str]:
+    """Every line of the literal blocks (a paragraph ending in ``::``) of README.rst."""
+    lines = (ROOT / "README.rst").read_text(encoding="utf-8").splitlines()
+    commands, in_block = [], False
+    for line in lines:
+        if in_block and line and not line.startswith(" "):
+            in_block = False
+        if in_block and line.strip():
+            commands.append(line.strip())
+        if line.endswith("::") and not line.lstrip().startswith(".."):
+            in_block = True
+    return commands
+
+
+def _shell(command: str, venv: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``command`` run by bash as a user would type it, with ``venv`` activated."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PYTHONPATH", "PTB_SESSIONS_URL", "TELEGRAM_BOT_TOKEN")
+    }
+    env["VIRTUAL_ENV"] = str(venv)
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
+
+
+@pytest.fixture(scope="module")
+def readme_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """The README's first command, as written, in a copy of the checkout with a fresh virtual
+    environment activated: ``(venv, checkout copy, its output)``."""
+    work = tmp_path_factory.mktemp("readme")
+    source = work / "ptb-sessions"
+    shutil.copytree(ROOT, source, ignore=_NOT_SHIPPED)
+    venv = work / "venv"
+    _check(_run(sys.executable, "-m", "venv", venv, cwd=work))
+    result = _check(_shell(README_DEMO, venv, source))
+    return venv, source, result.stdout
+
+
+@pytest.fixture(scope="module")
+def command(readme_install: tuple[Path, Path, str]) -> Path:
+    """The ``ptb-sessions`` script that the README's ``pip install .`` installed."""
+    venv = readme_install[0]
+    python = venv / "bin" / "python"
     where = _check(
         _run(python, "-c", "import ptb_sessions; print(ptb_sessions.__file__)", cwd=venv.parent)
     )
-    assert Path(where.stdout.strip()).is_relative_to(venv)  # not the checkout
+    assert Path(where.stdout.strip()).is_relative_to(venv)  # installed, not the checkout
     return venv / "bin" / "ptb-sessions"
+
+
+def test_every_readme_command_is_run_here_or_by_ci() -> None:
+    assert readme_commands() == [README_DEMO, README_TESTS, README_INSTALL, *README_DEPLOY]
+    assert README_TESTS in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+
+
+def test_readme_demo_command_as_written(readme_install: tuple[Path, Path, str]) -> None:
+    venv, source, output = readme_install
+    total = int(output.splitlines()[-1].removeprefix("total pizzas: "))
+    assert total > 0
+    again = _check(_shell("ptb-sessions demo", venv, source))
+    assert again.stdout.splitlines()[-1] == f"total pizzas: {2 * total}"
+    installed = _check(_shell(README_INSTALL, venv, source))  # the Install section's command
+    assert installed.returncode == 0
 
 
 @pytest.fixture
@@ -155,6 +214,19 @@ def test_installed_command_migrates_a_new_postgresql_database(
     command: Path, postgresql_url: str, tmp_path: Path
 ) -> None:
     _migrate(command, postgresql_url, tmp_path)
+
+
+def test_readme_deployment_commands(
+    readme_install: tuple[Path, Path, str], postgresql_url: str
+) -> None:
+    venv, source, _ = readme_install
+    upgrade, check, alembic = (line.replace(EXAMPLE_URL, postgresql_url) for line in README_DEPLOY)
+    result = _shell(check, venv, source)
+    assert result.returncode == 1  # not at head yet
+    assert "not migrated" in result.stderr
+    assert _check(_shell(upgrade, venv, source)).returncode == 0
+    assert _alembic.head_revision() in _check(_shell(check, venv, source)).stdout
+    assert _check(_shell(alembic, venv, source)).returncode == 0  # from the checkout
 
 
 def test_installed_demo_runs_offline(command: Path, tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ async def check_outage(url: str, bot_url: str, proxy: OutageProxy) -> dict[str, 
     for chat in range(1, 7):
         assert sum(f"session['{chat}']" in str(e) for e in session_errors) == rounds
     # update_persistence failed during the outage (StorageError), and nothing failed after.
-    assert any(str(e).startswith("Writing") for e in report["errors_during"])
+    assert any("Writing" in str(e) for e in report["errors_during"])  # one or a batch
     assert all(isinstance(e, StorageError) for e in report["errors_during"])
     assert report["errors_after"] == []
     # After the restore: sessions went on from the stored values, and the chat_data written
