@@ -73,7 +73,12 @@ def add_jobs_parser(commands: Any) -> None:
     )
     jobs.set_defaults(run=run_jobs)
     actions = jobs.add_subparsers(dest="jobs_command", metavar="ACTION")
-    remove = actions.add_parser("remove", help="remove the stored job ID (as the list shows it)")
+    remove = actions.add_parser(
+        "remove",
+        help="remove the stored job ID (as the list shows it)",
+        description="Remove the stored job ID, as `ptb-sessions jobs` lists it; the job never "
+        "runs again, in any process.",
+    )
     remove.add_argument("job_id", metavar="ID")
 
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.date import DateTrigger
-from apscheduler.triggers.interval import IntervalTrigger
+from apscheduler.triggers.base import BaseTrigger  # type: ignore[import-untyped,unused-ignore]
+from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped,unused-ignore]
+from apscheduler.triggers.date import DateTrigger  # type: ignore[import-untyped,unused-ignore]
+from apscheduler.triggers.interval import IntervalTrigger  # type: ignore[import-untyped,unused-ignore]
 
 from ptb_sessions._codec import Codec
 from ptb_sessions._errors import SerializationError, StorageError

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final, cast
 
-from apscheduler.job import Job as APSJob
-from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.job import Job as APSJob  # type: ignore[import-untyped,unused-ignore]
+from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError  # type: ignore[import-untyped,unused-ignore]
 from sqlalchemy import Table, delete, insert, select, update
 from telegram.ext import Application, Job, JobQueue
 

@@ -757,7 +757,7 @@ def test_downgrade_that_drops_rows_needs_yes(
         assert out == ""
         assert revision(db_url) == head
         assert all_rows(db_url) == before
-    code, out, err = cli(capsys, "--url", db_url, "db", "downgrade", "-1", "--yes")
+    code, out, err = cli(capsys, "--url", db_url, "db", "downgrade", "base", "--yes")
     assert (code, err) == (0, "")
     assert f"{head} -> none" in out
     assert revision(db_url) is None
