@@ -976,7 +976,7 @@ class _GroupCommit:
                 found = await self._database.get_many(namespace, keys)
             except Exception as exc:
                 for key in keys:
-                    _fail(reads[(namespace, key)], _for_key(exc, namespace, key))
+                    _fail(reads[(namespace, key)], exc)
                 continue
             for key in keys:
                 waiting = reads[(namespace, key)]
@@ -993,8 +993,8 @@ class _GroupCommit:
         try:
             errors = await self._database.apply([write for write, _ in writes.values()])
         except Exception as exc:
-            for write, done in writes.values():
-                _fail(done, _for_key(exc, write.namespace, write.key))
+            for _, done in writes.values():
+                _fail(done, exc)
             return
         for where, (_, done) in writes.items():
             if done.done():
@@ -1014,15 +1014,6 @@ async def _settle(future: asyncio.Future[_T], work: Awaitable[_T]) -> None:
     else:
         if not future.done():
             future.set_result(result)
-
-
-def _for_key(exc: Exception, namespace: str, key: str) -> Exception:
-    """``exc`` of a whole batch, as the error of one of its keys (naming that key)."""
-    if not isinstance(exc, StorageError):
-        return exc
-    error = type(exc)(f"{namespace}[{key!r}]: {exc}")
-    error.__cause__ = exc
-    return error
 
 
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
