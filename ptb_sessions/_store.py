@@ -21,7 +21,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
@@ -331,7 +331,6 @@ class Database:
     __slots__ = (
         "_dialect",
         "_engine",
-        "_group",
         "_owns_engine",
         "_ready",
         "_ready_lock",
@@ -369,7 +368,6 @@ class Database:
         self.timeout = timeout
         self._ready = False
         self._ready_lock = asyncio.Lock()
-        self._group = _GroupCommit(self)
 
     def __repr__(self) -> str:
         return f"Database({self.masked_url!r})"
@@ -570,12 +568,7 @@ class Database:
     # -- reads --------------------------------------------------------------------------
 
     async def get(self, namespace: str, key: str) -> Record | None:
-        """The row of ``key`` in ``namespace``, or :obj:`None`. Reads of concurrent callers
-        are sent together (see :class:`_GroupCommit`)."""
-        return await self._group.read(namespace, key)
-
-    async def read_row(self, namespace: str, key: str) -> Record | None:
-        """The row of ``key`` in ``namespace``, or :obj:`None`, read with one statement."""
+        """The row of ``key`` in ``namespace``, or :obj:`None`."""
 
         def read(connection: Connection) -> Record | None:
             row = (connection.execute(_GET_ONE, {"ns": namespace, "k": key})).first()
@@ -733,16 +726,6 @@ class Database:
         return errors
 
     async def write_one(self, write: Write) -> None:
-        """Apply one write, as :meth:`write_row` does; the writes of concurrent callers are
-        sent together, in one transaction (see :class:`_GroupCommit`).
-
-        Raises:
-            ConflictError: The stored version is not the expected one.
-            StorageError: The database failed.
-        """
-        await self._group.write(write)
-
-    async def write_row(self, write: Write) -> None:
         """Apply one write with a single statement, atomic by itself (no transaction): a
         conditional ``UPDATE``/``DELETE`` (version check), an insert-only ``INSERT`` (nothing
         stored expected), or an upsert/delete without a check. When the statement changes no
@@ -904,122 +887,6 @@ class Database:
         finally:
             with contextlib.suppress(Exception):
                 await connection.close()
-
-
-class _GroupCommit:
-    """The single-row reads and writes of concurrent callers, sent to the database together.
-
-    A caller queues its operation and waits for its own result. Whatever is queued when no
-    batch is running goes at once; whatever is queued while one runs goes, as one batch, when
-    it returns: no timer, so a lone operation waits for nothing. A batch of one runs as its
-    single statement (:meth:`Database.get`, :meth:`Database.write_one`); a larger one reads
-    with one statement per namespace and writes in one transaction through
-    :meth:`Database.apply`, where one bad row or one conflict fails only its own caller.
-    """
-
-    __slots__ = ("_database", "_reads", "_running", "_writes")
-
-    def __init__(self, database: Database) -> None:
-        self._database = database
-        self._reads: dict[tuple[str, str], asyncio.Future[Record | None]] = {}
-        self._writes: dict[tuple[str, str], tuple[Write, asyncio.Future[None]]] = {}
-        self._running = False
-
-    async def read(self, namespace: str, key: str) -> Record | None:
-        waiting = self._reads.get((namespace, key))
-        if waiting is None:
-            waiting = self._reads[(namespace, key)] = asyncio.get_running_loop().create_future()
-            self._start()
-        return await asyncio.shield(waiting)
-
-    async def write(self, write: Write) -> None:
-        while write.where in self._writes:  # one write per key and batch
-            await asyncio.shield(self._writes[write.where][1])
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._writes[write.where] = (write, done)
-        self._start()
-        await asyncio.shield(done)
-
-    def _start(self) -> None:
-        if not self._running:
-            self._running = True
-            asyncio.get_running_loop().create_task(self._send_batches())
-
-    async def _send_batches(self) -> None:
-        try:
-            await asyncio.sleep(0)  # let the callers of this loop iteration join
-            while self._reads or self._writes:
-                reads, self._reads = self._reads, {}
-                writes, self._writes = self._writes, {}
-                try:
-                    await asyncio.gather(self._send_reads(reads), self._send_writes(writes))
-                finally:
-                    waiters: list[asyncio.Future[Any]] = [*reads.values()]
-                    waiters += [done for _, done in writes.values()]
-                    for waiting in waiters:
-                        waiting.cancel()  # only those still waiting (the batch was cancelled)
-        finally:
-            self._running = False
-
-    async def _send_reads(
-        self, reads: dict[tuple[str, str], asyncio.Future[Record | None]]
-    ) -> None:
-        if len(reads) == 1:
-            (((namespace, key), waiting),) = reads.items()
-            await _settle(waiting, self._database.read_row(namespace, key))
-            return
-        by_namespace: dict[str, list[str]] = {}
-        for namespace, key in reads:
-            by_namespace.setdefault(namespace, []).append(key)
-        for namespace, keys in by_namespace.items():
-            try:
-                found = await self._database.get_many(namespace, keys)
-            except Exception as exc:
-                for key in keys:
-                    _fail(reads[(namespace, key)], exc)
-                continue
-            for key in keys:
-                waiting = reads[(namespace, key)]
-                if not waiting.done():
-                    waiting.set_result(found.get(key))
-
-    async def _send_writes(
-        self, writes: dict[tuple[str, str], tuple[Write, asyncio.Future[None]]]
-    ) -> None:
-        if len(writes) == 1:
-            ((write, done),) = writes.values()
-            await _settle(done, self._database.write_row(write))
-            return
-        try:
-            errors = await self._database.apply([write for write, _ in writes.values()])
-        except Exception as exc:
-            for _, done in writes.values():
-                _fail(done, exc)
-            return
-        for where, (_, done) in writes.items():
-            if done.done():
-                continue
-            error = errors.get(where)
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
-
-
-async def _settle(future: asyncio.Future[_T], work: Awaitable[_T]) -> None:
-    try:
-        result = await work
-    except Exception as exc:
-        _fail(future, exc)
-    else:
-        if not future.done():
-            future.set_result(result)
-
-
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-        future.exception()  # retrieved: the waiter raises it
 
 
 class _Route:
