@@ -57,6 +57,11 @@ class Spec:
         lazy: Whether the value is read only when awaited.
         db_lock: Whether ``storage.lock(key)`` is held from load to save.
         codec: Encodes values to detect changes.
+
+    Attributes:
+        needs_writeback: The storage's optional ``needs_writeback(key)``: whether the value just
+            read must be written back even if unchanged (it was migrated); :obj:`None` if the
+            storage has no such method.
     """
 
     __slots__ = (
@@ -68,6 +73,7 @@ class Spec:
         "lazy",
         "lock_id",
         "name",
+        "needs_writeback",
         "prefix",
         "storage",
     )
@@ -95,6 +101,9 @@ class Spec:
         self.db_lock = db_lock
         self.codec: _Encoder = codec
         self.builtin_key = getattr(key_fn, "__module__", None) == "ptb_sessions._keys"
+        self.needs_writeback: Callable[[str], bool] | None = getattr(
+            storage, "needs_writeback", None
+        )
 
 
 def update_type(update: object) -> str:
@@ -336,8 +345,12 @@ class Cell:
                 value = spec.initial()
         else:
             self.stored = True
-        # an untouched initial value is not written: its encoding is the baseline
-        self.baseline = self._baseline(value)
+        writeback = spec.needs_writeback
+        if self.stored and writeback is not None and writeback(cast(str, self.key)):
+            self.baseline = _UNKNOWN  # migrated on load: written back even if unchanged
+        else:
+            # an untouched initial value is not written: its encoding is the baseline
+            self.baseline = self._baseline(value)
         if gen == self.gen:  # else assigned while reading: the assigned value wins
             self.value = value
             self.state = _READY

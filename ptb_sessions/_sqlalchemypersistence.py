@@ -22,7 +22,7 @@ from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 from ptb_sessions._codec import Codec, JSONCodec, bind_codec, storable_state
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
 from ptb_sessions._keytracker import NOTHING, KeyState, KeyTracker, TrackedKey, UpdateHolds
-from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
+from ptb_sessions._rowpolicy import DEFAULT_MAX_VALUE_SIZE, RowPolicy
 from ptb_sessions._store import (
     ANY_VERSION,
     DEFAULT_TIMEOUT,
@@ -33,7 +33,6 @@ from ptb_sessions._store import (
     check_key,
 )
 from ptb_sessions._url import DEFAULT_URL
-from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
 from ptb_sessions.storage._sqlalchemy import SQLAlchemyStorage
 
 if TYPE_CHECKING:
@@ -107,14 +106,14 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         "_callback",
         "_chats",
         "_conversations",
+        "_data_policy",
         "_holds",
         "_jobs",
         "_migration_lock",
-        "_migrations",
         "_pending",
+        "_policy",
         "_store_jobs",
         "_touches",
-        "_ttl",
         "_users",
         "_write_lock",
         "clock",
@@ -191,9 +190,17 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         self.database = Database(url, auto_upgrade=auto_upgrade, clock=clock, timeout=timeout)
         self.lazy = lazy
         self.max_cached = max_cached
-        self._ttl = normalize_ttl(ttl)
-        self._migrations = sorted_migrations(migrations) if migrations is not None else None
         self.codec: Codec = codec if codec is not None else JSONCodec()
+        # bot_data, callback_data and conversations: codec and size limit only.
+        self._policy = RowPolicy(self.codec, max_value_size=max_value_size, clock=clock)
+        # chat_data and user_data: also the ttl and the data migrations.
+        self._data_policy = RowPolicy(
+            self.codec,
+            max_value_size=max_value_size,
+            ttl=ttl,
+            migrations=migrations,
+            clock=clock,
+        )
         self.context_types: ContextTypes[Any, UD, CD, BD] = cast(
             "ContextTypes[Any, UD, CD, BD]", context_types or ContextTypes()
         )
@@ -219,7 +226,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({self.database.masked_url!r}, lazy={self.lazy}, "
-            f"max_cached={self.max_cached}, ttl={self._ttl})"
+            f"max_cached={self.max_cached}, ttl={self._data_policy.ttl})"
         )
 
     # -- helpers --------------------------------------------------------------------------
@@ -315,12 +322,6 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             self._jobs = StoredJobs(self.database, self.codec, self.max_value_size, self.clock)
         await self._jobs.attach(self._app)
 
-    def _expires_at(self) -> float | None:
-        return None if self._ttl is None else self.clock() + self._ttl
-
-    def _latest_version(self) -> float | None:
-        return None if self._migrations is None else self._migrations[-1][0]
-
     def _per_id(self, tracker: KeyTracker[int]) -> Callable[[], Any]:
         """The factory of the application's chat_data or user_data objects."""
         return (
@@ -333,13 +334,8 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         """The value of a chat_data or user_data row, migrated, and whether it must be written
         back (it was stored at an older data version)."""
         where = f"{tracker.namespace}[{key}]"
-        value = decode_record(self.codec, record, tracker.namespace, key)
-        writeback = False
-        if self._migrations is not None:
-            value, latest = apply_migrations(
-                value, record.data_version, self._migrations, key=where
-            )
-            writeback = record.data_version != latest
+        value = self._data_policy.decode(record, tracker.namespace, key)
+        value, writeback = self._data_policy.migrate(value, record.data_version, where)
         return self._as_type(self._per_id(tracker), value, where), writeback
 
     @staticmethod
@@ -358,7 +354,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         )
 
     def _expired(self, record: Record) -> bool:
-        return record.expires_at is not None and record.expires_at < self.clock()
+        return self._data_policy.is_expired(record.expires_at)
 
     def _mark_for_writeback(self, tracker: KeyTracker[int], ids: list[int]) -> None:
         """Have the application hand ``ids`` to the next ``update_persistence`` run (their
@@ -398,7 +394,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         result: dict[int, Any] = {}
         expired = 0
         writeback: list[int] = []
-        expires_at = self._expires_at()
+        expires_at = self._data_policy.expires_at()
         async for key, record in self.database.scan(tracker.namespace):
             try:
                 item_id = int(key)
@@ -430,7 +426,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             if needs_writeback:
                 writeback.append(item_id)
         if expired:
-            await self.database.purge_expired(tracker.namespace)
+            await self.database.purge_expired(tracker.namespace, now=self._data_policy.clock())
         if expires_at is not None:
             await self.database.touch_namespace(tracker.namespace, expires_at)
         self._mark_for_writeback(tracker, writeback)
@@ -491,12 +487,13 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
 
     async def _read_live(self, tracker: KeyTracker[int], key: str) -> Record | None:
         """The unexpired row of ``key`` (an expired one is deleted), its expiry refreshed."""
+        policy = self._data_policy
         record = await self.database.get(tracker.namespace, key)
         if record is not None and self._expired(record):
-            await self.database.delete_if_expired(tracker.namespace, key)
+            await self.database.delete_if_expired(tracker.namespace, key, now=policy.clock())
             return None
-        if record is not None and self._ttl is not None:
-            await self.database.touch(tracker.namespace, [key], self._expires_at())
+        if record is not None and policy.touch_due(record.expires_at):
+            await self.database.touch(tracker.namespace, [key], policy.expires_at())
         return record
 
     async def _load_into(
@@ -526,7 +523,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             None if record is None else hash(record.data),
             held=data,
             needs_writeback=needs_writeback,
-            expires_at=None if record is None else self._expires_at(),
+            expires_at=None if record is None else self._data_policy.expires_at(),
         )
         if needs_writeback:
             self._mark_for_writeback(tracker, [item_id])
@@ -576,7 +573,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             self._bot.loaded(_BOT_KEY, None, None)
             return self.context_types.bot_data()
         try:
-            value = decode_record(self.codec, record, "bot_data", _BOT_KEY)
+            value = self._policy.decode(record, "bot_data", _BOT_KEY)
             value = self._as_type(self.context_types.bot_data, value, "bot_data")
         except StorageError:
             self._bot.failed(_BOT_KEY)
@@ -607,7 +604,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             self._callback.loaded(_CALLBACK_KEY, None, None)
             return None
         try:
-            value = decode_record(self.codec, record, "callback_data", _CALLBACK_KEY)
+            value = self._policy.decode(record, "callback_data", _CALLBACK_KEY)
             result = _callback_data(value)
         except StorageError:
             self._callback.failed(_CALLBACK_KEY)
@@ -625,7 +622,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         async for key, record in self.database.scan(tracker.namespace):
             try:
                 conversation_key = _conversation_key(tracker.namespace, key)
-                state = decode_record(self.codec, record, tracker.namespace, key)
+                state = self._policy.decode(record, tracker.namespace, key)
                 _check_hashable_state(tracker.namespace, key, state)
             except StorageError as exc:
                 tracker.failed(key)
@@ -701,7 +698,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         by_namespace: dict[str, list[str]] = {}
         for namespace, key in touches:
             by_namespace.setdefault(namespace, []).append(key)
-        expires_at = self._expires_at()
+        expires_at = self._data_policy.expires_at()
         for namespace, keys in by_namespace.items():
             try:
                 async with self._write_lock:
@@ -734,11 +731,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def _touch_due(self, entry: TrackedKey | None) -> bool:
         """Whether an unchanged row's expiry must be refreshed now (it may wait up to a tenth
         of the ttl)."""
-        if self._ttl is None:
-            return False
-        if entry is None or entry.expires_at is None:
-            return True
-        return entry.expires_at - self.clock() < self._ttl * 0.9
+        return self._data_policy.touch_due(None if entry is None else entry.expires_at)
 
     async def _write_if_changed(
         self,
@@ -746,9 +739,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         key: str,
         value: Any,
         entry: TrackedKey | None,
-        *,
-        expires_at: float | None = None,
-        data_version: float | None = None,
+        policy: RowPolicy,
     ) -> None:
         namespace = tracker.namespace
         check_key(namespace, key)
@@ -761,28 +752,18 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             and not getattr(value, "__dict__", None)  # a dict subclass's attributes are data
         ):
             return  # nothing stored and nothing to store
-        codec, encoded = encode_value(
-            self.codec, value, f"{namespace}[{key}]", self.max_value_size
-        )
+        encoded = policy.encode(value, f"{namespace}[{key}]")
         if (
             entry is not None
-            and entry.is_unchanged(hash(encoded))
+            and entry.is_unchanged(hash(encoded[1]))
             and (namespace, key) not in self._pending
         ):
-            if expires_at is not None and self._touch_due(entry):
+            if policy.ttl is not None and self._touch_due(entry):
                 await self._submit_touch(namespace, key)
             return
         expected = entry.version if loaded else ANY_VERSION  # type: ignore[union-attr]
         await self._submit(
-            Write(
-                namespace,
-                key,
-                encoded,
-                codec,
-                expected_version=expected,
-                data_version=data_version,
-                expires_at=expires_at,
-            )
+            policy.write_encoded(namespace, key, encoded, expected_version=expected)
         )
 
     async def _update(self, tracker: KeyTracker[int], item_id: int, data: Any) -> None:
@@ -799,14 +780,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 entry = tracker.get(item_id)
             else:
                 entry = tracker.loaded(item_id, None, None)  # eager: every row was loaded
-        await self._write_if_changed(
-            tracker,
-            str(item_id),
-            data,
-            entry,
-            expires_at=self._expires_at(),
-            data_version=self._latest_version(),
-        )
+        await self._write_if_changed(tracker, str(item_id), data, entry, self._data_policy)
 
     async def _merge_unloaded(self, tracker: KeyTracker[int], item_id: int, data: Any) -> Any:
         key = str(item_id)
@@ -856,14 +830,16 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         self._bot.check_writable(_BOT_KEY)
         if self._bot.state(_BOT_KEY) is KeyState.STALE:
             return  # a conflict dropped this data; it is read again first
-        await self._write_if_changed(self._bot, _BOT_KEY, data, self._bot.get(_BOT_KEY))
+        await self._write_if_changed(
+            self._bot, _BOT_KEY, data, self._bot.get(_BOT_KEY), self._policy
+        )
 
     async def update_callback_data(self, data: CDCData) -> None:
         """Called at every :meth:`~telegram.ext.Application.update_persistence`; writes only if
         the callback data changed."""
         self._callback.check_writable(_CALLBACK_KEY)
         await self._write_if_changed(
-            self._callback, _CALLBACK_KEY, data, self._callback.get(_CALLBACK_KEY)
+            self._callback, _CALLBACK_KEY, data, self._callback.get(_CALLBACK_KEY), self._policy
         )
 
     async def update_conversation(
@@ -879,7 +855,11 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             await self._submit(Write(tracker.namespace, row_key, None))
             return
         await self._write_if_changed(
-            tracker, row_key, storable_state(self.codec, new_state), tracker.get(row_key)
+            tracker,
+            row_key,
+            storable_state(self.codec, new_state),
+            tracker.get(row_key),
+            self._policy,
         )
 
     async def _drop(self, tracker: KeyTracker[int], item_id: int) -> None:
@@ -940,7 +920,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if entry.version is None and not data:
             return True
         try:
-            _, encoded = encode_value(self.codec, data, namespace, None)
+            _, encoded = self._data_policy.encode(data, namespace)
         except SerializationError:
             return False
         return entry.is_unchanged(hash(encoded))

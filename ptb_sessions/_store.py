@@ -779,19 +779,27 @@ class Database:
         )
         await self._run(f"Refreshing the expiry of {namespace}", _rowcount(statement))
 
-    async def delete_if_expired(self, namespace: str, key: str) -> bool:
-        """Delete the row of ``key`` if it has expired. Whether it was deleted."""
+    async def delete_if_expired(
+        self, namespace: str, key: str, *, now: float | None = None
+    ) -> bool:
+        """Delete the row of ``key`` if it has expired by ``now`` (the policy's clock; the
+        database's by default). Whether it was deleted."""
         statement = delete(_TABLE).where(
-            _C.namespace == namespace, _C.key == key, _C.expires_at < self.clock()
+            _C.namespace == namespace,
+            _C.key == key,
+            _C.expires_at < (self.clock() if now is None else now),
         )
         count = await self._run(
             f"Deleting the expired {namespace}[{key!r}]", _rowcount(statement), autocommit=True
         )
         return bool(count)
 
-    async def purge_expired(self, namespace: str | None = None) -> int:
-        """Delete every expired row (uses the index on ``expires_at``). Returns the count."""
-        statement = delete(_TABLE).where(_C.expires_at < self.clock())
+    async def purge_expired(
+        self, namespace: str | None = None, *, now: float | None = None
+    ) -> int:
+        """Delete every row expired by ``now`` (the policy's clock; the database's by default;
+        uses the index on ``expires_at``). Returns the count."""
+        statement = delete(_TABLE).where(_C.expires_at < (self.clock() if now is None else now))
         if namespace is not None:
             statement = statement.where(_C.namespace == namespace)
         return await self._run("Deleting expired rows", _rowcount(statement))

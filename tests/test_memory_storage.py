@@ -103,7 +103,7 @@ async def test_ttl_expires_strictly_after_the_period() -> None:
     storage = MemoryStorage(ttl=10, clock=clock)
     await storage.write("k", 1)
     clock.now += 10
-    assert await storage.read("k") == 1  # exactly at written_at + ttl: still there
+    assert await storage.has("k")  # exactly at written_at + ttl: still there
     clock.now += 0.001
     assert await storage.read("k") is None
     assert len(storage) == 0
@@ -111,14 +111,19 @@ async def test_ttl_expires_strictly_after_the_period() -> None:
     assert await storage.read("k") is None
 
 
-async def test_ttl_reads_do_not_extend_but_writes_restart() -> None:
+async def test_ttl_is_idle_time_reads_and_writes_restart_it() -> None:
+    """SPEC 4: a value read every 8 s under a ttl of 10 s never expires; a read refreshes the
+    expiry only once a tenth of the ttl has passed; a value left alone expires."""
     clock = FakeClock()
     storage = MemoryStorage(ttl=dtm.timedelta(seconds=10), clock=clock)
     assert storage.ttl == 10.0
     await storage.write("k", 1)
-    clock.now += 8
+    for _ in range(5):
+        clock.now += 8
+        assert await storage.read("k") == 1
+    clock.now += 0.5  # under a tenth of the ttl: this read does not move the expiry
     assert await storage.read("k") == 1
-    clock.now += 3  # 11 s after the write
+    clock.now += 9.6  # 10.1 s after the last refresh
     assert await storage.read("k") is None
     await storage.write("k", 2)  # writing again revives it
     clock.now += 9

@@ -1179,7 +1179,7 @@ class FakeClock:
         return self.now
 
 
-async def test_ttl_expires_and_a_write_restarts_the_period(
+async def test_ttl_is_idle_time_a_read_refreshes_the_expiry(
     session_storage: Maker, mode: Mode
 ) -> None:
     clock = FakeClock()
@@ -1219,12 +1219,15 @@ async def test_ttl_expires_and_a_write_restarts_the_period(
             (16, "+"),
             (25, "?"),
             (27, "?"),
+            (36, "?"),
+            (47, "?"),
         ]:
             clock.now = 1_000.0 + at
             await process(bot.app, message_update(1, text))
     assert bot.errors == []
-    # written at 0 and 5; a read at 14 does not extend it; expired after 15; written at 16
-    assert seen == [0, 1, 2, 0, 0, 1, 0]
+    # Idle time (SPEC 4, issue 9 point 14): written at 0, 5 and 16; each read (14, 16, 25, 27,
+    # 36) refreshes the expiry, so the value is found; idle from 36 to 47, it expired.
+    assert seen == [0, 1, 2, 2, 2, 3, 3, 3, 0]
 
 
 async def test_migrations_run_via_handler_args(session_storage: Maker, mode: Mode) -> None:

@@ -1,6 +1,7 @@
 """Storage adapters for sessions: the :class:`StorageAdapter` protocol, :class:`MemoryStorage`
 and :func:`enhance_storage` (timeouts and data migrations for any adapter)."""
 
+from ptb_sessions._rowpolicy import apply_migrations, normalize_ttl, sorted_migrations
 from ptb_sessions.storage._base import (
     MAX_READ_VERSIONS,
     ReadVersions,
@@ -9,13 +10,10 @@ from ptb_sessions.storage._base import (
 )
 from ptb_sessions.storage._enhance import (
     RECORD_MARKER,
-    apply_migrations,
     enhance_storage,
     is_record,
     make_record,
-    normalize_ttl,
     parse_record,
-    sorted_migrations,
 )
 from ptb_sessions.storage._memory import MemoryStorage
 

@@ -46,6 +46,9 @@ class StorageAdapter(Protocol):
     * ``items() -> AsyncIterator[tuple[str, Any]]``: the stored ``(key, value)`` pairs.
     * ``lock(key: str) -> AbstractAsyncContextManager[Any]``: a lock on ``key`` held from load
       to save with ``lock="database"`` (e.g. a row lock).
+    * ``needs_writeback(key: str) -> bool``: whether the value that :meth:`read` just returned
+      to this task must be written back after the handler even if unchanged (it was migrated
+      to the latest data version, or a plain adapter's expiry needs a refresh).
 
     .. rubric:: Storages that keep versions
 
@@ -164,6 +167,13 @@ class ReadVersions(Generic[V]):
         scope = self._scope(create=False)
         if scope is not None and key in scope:
             return True, scope.pop(key)
+        return False, None
+
+    def peek(self, key: str) -> tuple[bool, V | None]:
+        """Like :meth:`pop`, but remembers ``key`` still."""
+        scope = self._scope(create=False)
+        if scope is not None and key in scope:
+            return True, scope[key]
         return False, None
 
     def clear(self) -> None:

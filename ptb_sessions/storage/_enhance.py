@@ -14,26 +14,26 @@ migration runs) and no expiry.
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
 from typing import Any, cast
 
-from ptb_sessions._errors import ConflictError, MigrationError, SerializationError
-from ptb_sessions.storage._base import StorageAdapter
+from ptb_sessions._errors import ConflictError, SerializationError
+from ptb_sessions._rowpolicy import (
+    Migration,
+    RowPolicy,
+    is_number,
+)
+from ptb_sessions.storage._base import ReadVersions, StorageAdapter
 
 __all__ = [
     "RECORD_MARKER",
-    "apply_migrations",
     "enhance_storage",
     "is_record",
     "make_record",
-    "normalize_ttl",
     "parse_record",
-    "sorted_migrations",
 ]
 
 RECORD_MARKER = "__ptb_sessions__"
@@ -41,135 +41,6 @@ RECORD_MARKER = "__ptb_sessions__"
 
 _RECORD_KEYS = frozenset((RECORD_MARKER, "d", "v", "e"))
 _EXPIRED_DELETE_ATTEMPTS = 5
-
-Migration = Callable[[Any], Any]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def normalize_ttl(ttl: float | timedelta | None) -> float | None:
-    """Return ``ttl`` in seconds.
-
-    Args:
-        ttl (:obj:`float` | :class:`datetime.timedelta` | :obj:`None`): Seconds, a timedelta, or
-            :obj:`None` (no expiry). Infinity also means no expiry.
-
-    Returns:
-        :obj:`float` | :obj:`None`: The seconds, or :obj:`None` for no expiry.
-
-    Raises:
-        TypeError: ``ttl`` is not a number or a timedelta.
-        ValueError: ``ttl`` is zero, negative or NaN.
-    """
-    if ttl is None:
-        return None
-    if isinstance(ttl, timedelta):
-        seconds = ttl.total_seconds()
-    elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
-        seconds = float(ttl)
-    else:
-        raise TypeError(f"ttl must be seconds (int or float) or a datetime.timedelta, not {ttl!r}")
-    if math.isnan(seconds) or seconds <= 0:
-        raise ValueError(f"ttl must be positive, not {ttl!r}")
-    return None if math.isinf(seconds) else seconds
-
-
-def sorted_migrations(
-    migrations: Mapping[float, Migration],
-) -> tuple[tuple[float, Migration], ...]:
-    """Validate ``migrations`` and return them as ``(version, migration)`` pairs in numeric order
-    (``10.1`` after ``10`` and before ``11``).
-
-    Args:
-        migrations (Mapping[:obj:`float`, Callable]): Data version -> the function that turns a
-            value of the previous version into one of this version.
-
-    Raises:
-        ValueError: ``migrations`` is empty, or a version is not a finite :obj:`int` or
-            :obj:`float`.
-        TypeError: A migration is not callable.
-    """
-    if not migrations:
-        raise ValueError(
-            "migrations must not be empty; pass None for no migrations, or e.g. "
-            "{1: migrate_to_1} to version the data"
-        )
-    for version, migration in migrations.items():
-        if not _is_number(version):
-            raise ValueError(
-                f"Migration versions must be finite numbers (int or float), not {version!r}"
-            )
-        if not callable(migration):
-            raise TypeError(f"Migration {version!r} must be callable, not {migration!r}")
-    return tuple(sorted(migrations.items(), key=lambda item: item[0]))
-
-
-def _copy(value: Any) -> Any:
-    try:
-        return copy.deepcopy(value)
-    except Exception:  # an uncopyable value is migrated as it is
-        return value
-
-
-def apply_migrations(
-    value: Any,
-    stored_version: float | None,
-    migrations_sorted: tuple[tuple[float, Migration], ...],
-    *,
-    key: str,
-) -> tuple[Any, float]:
-    """Run the migrations that ``value`` still needs.
-
-    With no ``stored_version`` (legacy data) every migration runs, else those with a version
-    above it, in numeric order. :obj:`None` is not migrated. The migrations get a deep copy of
-    ``value``, so a failing migration that changed it in place leaves ``value`` as it was.
-
-    Args:
-        value (:obj:`object`): The stored value.
-        stored_version (:obj:`float` | :obj:`None`): Its data version, :obj:`None` if it has
-            none.
-        migrations_sorted: The result of :func:`sorted_migrations`.
-        key (:obj:`str`): The session key, for error messages.
-
-    Returns:
-        tuple[:obj:`object`, :obj:`float`]: The migrated value and the latest version.
-
-    Raises:
-        ptb_sessions.MigrationError: ``stored_version`` is not a number or newer than the latest
-            migration, or a migration raised.
-    """
-    latest = migrations_sorted[-1][0]
-    if value is None:
-        return None, latest
-    if stored_version is not None:
-        if not _is_number(stored_version):
-            raise MigrationError(
-                f"{key!r} has the invalid data version {stored_version!r}; versions are numbers"
-            )
-        if stored_version > latest:
-            raise MigrationError(
-                f"{key!r} has data version {stored_version!r}, newer than the "
-                f"latest migration {latest!r}. Was it written by a newer version of the bot? "
-                "Add its migrations instead of downgrading the data."
-            )
-    pending = [
-        (version, migration)
-        for version, migration in migrations_sorted
-        if stored_version is None or version > stored_version
-    ]
-    if pending:
-        value = _copy(value)
-    for version, migration in pending:
-        try:
-            value = migration(value)
-        except Exception as exc:
-            raise MigrationError(
-                f"Migration to version {version!r} failed for {key!r}: "
-                f"{type(exc).__name__}: {exc}. The stored value was left unchanged."
-            ) from exc
-    return value, latest
 
 
 def is_record(stored: object) -> bool:
@@ -205,43 +76,29 @@ def parse_record(stored: Any) -> tuple[Any, Any, float | None]:
     return (
         stored["d"],
         stored.get("v"),
-        float(expires_at) if _is_number(expires_at) else None,
+        float(expires_at) if is_number(expires_at) else None,
     )
 
 
 class _EnhancedStorage:
     """The adapter returned by :func:`enhance_storage` for adapters without native support.
 
-    ``has``, ``keys``, ``items`` and ``lock`` exist only if the wrapped adapter has them.
+    ``has``, ``keys``, ``items`` and ``lock`` exist only if the wrapped adapter has them. A
+    plain adapter has no cheap way to refresh an expiry, so a read whose expiry is due for a
+    refresh (or whose value was migrated) asks for a write-back: see :meth:`needs_writeback`.
     """
 
-    __slots__ = (
-        "_clock",
-        "_inner",
-        "_migrations",
-        "_ttl",
-        "has",
-        "items",
-        "keys",
-        "lock",
-    )
+    __slots__ = ("_inner", "_policy", "_writeback", "has", "items", "keys", "lock")
 
     has: Callable[[str], Awaitable[bool]]
     keys: Callable[[], AsyncIterator[str]]
     items: Callable[[], AsyncIterator[tuple[str, Any]]]
     lock: Callable[[str], AbstractAsyncContextManager[Any]]
 
-    def __init__(
-        self,
-        inner: StorageAdapter,
-        ttl: float | None,
-        migrations: tuple[tuple[float, Migration], ...] | None,
-        clock: Callable[[], float],
-    ) -> None:
+    def __init__(self, inner: StorageAdapter, policy: RowPolicy) -> None:
         self._inner = inner
-        self._ttl = ttl
-        self._migrations = migrations
-        self._clock = clock
+        self._policy = policy
+        self._writeback: ReadVersions[bool] = ReadVersions()
         if hasattr(inner, "has"):
             self.has = self._has
         if hasattr(inner, "keys"):
@@ -252,24 +109,26 @@ class _EnhancedStorage:
             self.lock = inner.lock
 
     def __repr__(self) -> str:
-        versions = None if self._migrations is None else [v for v, _ in self._migrations]
-        return f"enhance_storage({self._inner!r}, ttl={self._ttl!r}, migrations={versions!r})"
+        policy = self._policy
+        versions = None if policy.migrations is None else [v for v, _ in policy.migrations]
+        return f"enhance_storage({self._inner!r}, ttl={policy.ttl!r}, migrations={versions!r})"
 
-    def _expired(self, expires_at: float | None) -> bool:
-        return self._ttl is not None and expires_at is not None and self._clock() > expires_at
+    def _expired(self, stored: Any) -> bool:
+        return self._policy.is_expired(parse_record(stored)[2])
 
-    def _unwrap(self, key: str, stored: Any) -> tuple[bool, Any]:
-        """``(expired, migrated value)`` of what the inner adapter stores for ``key``."""
+    def _open(self, key: str, stored: Any) -> tuple[bool, Any, bool]:
+        """``(expired, migrated value, needs a write-back)`` of what the inner adapter stores."""
         value, version, expires_at = parse_record(stored)
-        if self._expired(expires_at):
-            return True, None
-        if self._migrations is not None and value is not None:
-            value, _ = apply_migrations(value, version, self._migrations, key=key)
-        return False, value
+        if self._policy.is_expired(expires_at):
+            return True, None, False
+        if value is None:
+            return False, None, False
+        value, migrated = self._policy.migrate(value, version, repr(key))
+        return False, value, migrated or self._policy.touch_due(expires_at)
 
     async def read(self, key: str) -> Any | None:
         """Read ``key``: :obj:`None` if nothing is stored or it expired (it is then deleted),
-        else the value, migrated to the latest version (not written back).
+        else the value, migrated to the latest version.
 
         Raises:
             ptb_sessions.MigrationError: The stored version is newer than the latest migration,
@@ -278,24 +137,32 @@ class _EnhancedStorage:
         for _ in range(_EXPIRED_DELETE_ATTEMPTS):
             stored = await self._inner.read(key)
             if stored is None:
+                self._writeback.remember(key, False)
                 return None
-            expired, value = self._unwrap(key, stored)
+            expired, value, writeback = self._open(key, stored)
             if not expired:
+                self._writeback.remember(key, writeback)
                 return value
             try:
                 await self._inner.delete(key)
             except ConflictError:
                 continue  # rewritten since our read: read the new value
+            self._writeback.remember(key, False)
             return None
         raise ConflictError(
             f"Session key {key!r} kept changing while its expired value was being deleted"
         )
 
+    def needs_writeback(self, key: str) -> bool:
+        """Whether the value this task last read for ``key`` must be written back even if
+        unchanged: it was migrated, or its expiry is due for a refresh."""
+        return bool(self._writeback.pop(key)[1])
+
     async def write(self, key: str, value: Any) -> None:
         """Store ``value`` for ``key`` with the latest data version; restarts the ttl."""
-        version = None if self._migrations is None else self._migrations[-1][0]
-        expires_at = None if self._ttl is None else self._clock() + self._ttl
-        stored = make_record(value, version=version, expires_at=expires_at)
+        self._writeback.pop(key)
+        policy = self._policy
+        stored = make_record(value, version=policy.latest_version, expires_at=policy.expires_at())
         try:
             await self._inner.write(key, stored)
         except SerializationError as exc:
@@ -305,36 +172,34 @@ class _EnhancedStorage:
 
     async def delete(self, key: str) -> None:
         """Delete ``key``."""
+        self._writeback.pop(key)
         await self._inner.delete(key)
 
     async def _has(self, key: str) -> bool:
-        if self._ttl is None:
+        if self._policy.ttl is None:
             return bool(await cast(Any, self._inner).has(key))
         stored = await self._inner.read(key)
-        if stored is None:
-            return False
-        _, _, expires_at = parse_record(stored)
-        return not self._expired(expires_at)
+        return stored is not None and not self._expired(stored)
 
     async def _keys(self) -> AsyncIterator[str]:
         inner = cast(Any, self._inner)
-        if self._ttl is None:
+        if self._policy.ttl is None:
             async for key in inner.keys():
                 yield key
             return
         if hasattr(inner, "items"):
             async for key, stored in inner.items():
-                if not self._expired(parse_record(stored)[2]):
+                if not self._expired(stored):
                     yield key
             return
         async for key in inner.keys():
             stored = await inner.read(key)
-            if stored is not None and not self._expired(parse_record(stored)[2]):
+            if stored is not None and not self._expired(stored):
                 yield key
 
     async def _items(self) -> AsyncIterator[tuple[str, Any]]:
         async for key, stored in cast(Any, self._inner).items():
-            expired, value = self._unwrap(key, stored)
+            expired, value, _ = self._open(key, stored)
             if not expired:
                 yield key, value
 
@@ -367,15 +232,18 @@ def enhance_storage(
 
     Args:
         storage (:class:`~ptb_sessions.StorageAdapter`): The adapter to enhance.
-        ttl (:obj:`float` | :class:`datetime.timedelta`, optional): A value not written for this
-            many seconds expires: reading it returns :obj:`None` and deletes it. Every write
-            restarts the period; reads do not. It expires when ``clock()`` is *after* the write
-            time plus ``ttl``.
+        ttl (:obj:`float` | :class:`datetime.timedelta`, optional): An idle timeout: a value
+            neither read nor written for this many seconds expires; reading it then returns
+            :obj:`None` and deletes it. It expires when ``clock()`` is *after* its last use plus
+            ``ttl``. A plain adapter cannot refresh an expiry cheaply, so a session read under a
+            ttl is written back after the handler once a tenth of the ttl has passed. A value
+            stored before the ttl was turned on starts its clock at its first read.
         migrations (Mapping[:obj:`float`, Callable[[Any], Any]], optional): Data version ->
             migration. Versions are numbers, sorted numerically (``10.1`` runs after ``10`` and
             before ``11``). A value with no version runs every migration, one at version ``v``
-            those above ``v``; reads return migrated values (written back with the next write)
-            and every write stores the latest version. :obj:`None` is not migrated.
+            those above ``v``; reads return migrated values (a session writes them back after the
+            handler, even if it changed nothing) and every write stores the latest version.
+            :obj:`None` is not migrated.
         clock (Callable[[], :obj:`float`], optional): The time in seconds. Defaults to
             :func:`time.time`.
 
@@ -386,16 +254,11 @@ def enhance_storage(
         ValueError: ``ttl`` is not positive, ``migrations`` is empty or has a version that is
             not a number.
     """
-    ttl_seconds = normalize_ttl(ttl)
-    ordered = None if migrations is None else sorted_migrations(migrations)
+    policy = RowPolicy(ttl=ttl, migrations=migrations, clock=clock)
     native = getattr(storage, "_ptb_sessions_enhance", None)
     if callable(native):
+        migrations_in_order = None if policy.migrations is None else dict(policy.migrations)
         return cast(
-            StorageAdapter,
-            native(
-                ttl=ttl_seconds,
-                migrations=None if ordered is None else dict(ordered),
-                clock=clock,
-            ),
+            StorageAdapter, native(ttl=policy.ttl, migrations=migrations_in_order, clock=clock)
         )
-    return cast(StorageAdapter, _EnhancedStorage(storage, ttl_seconds, ordered, clock))
+    return cast(StorageAdapter, _EnhancedStorage(storage, policy))

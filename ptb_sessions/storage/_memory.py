@@ -8,12 +8,23 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
-from ptb_sessions._codec import Codec, JSONCodec
+from ptb_sessions._codec import Codec
 from ptb_sessions._errors import SerializationError
+from ptb_sessions._rowpolicy import RowPolicy
 from ptb_sessions.storage._base import ReadVersions, conflict_error
-from ptb_sessions.storage._enhance import normalize_ttl
 
 __all__ = ["MemoryStorage"]
+
+
+class _Entry:
+    """One stored value: encoded, with its version and expiry."""
+
+    __slots__ = ("data", "expires_at", "version")
+
+    def __init__(self, data: str | bytes, version: int, expires_at: float | None) -> None:
+        self.data = data
+        self.version = version
+        self.expires_at = expires_at
 
 
 class MemoryStorage:
@@ -28,10 +39,10 @@ class MemoryStorage:
     :class:`~ptb_sessions.ConflictError` (see :class:`~ptb_sessions.StorageAdapter`).
 
     Args:
-        ttl (:obj:`float` | :class:`datetime.timedelta`, optional): A value not written for this
-            many seconds expires: it reads as :obj:`None` and is deleted. It expires when
-            ``clock() > written_at + ttl``, so it is still there exactly at ``written_at + ttl``.
-            Reads do not extend it. Defaults to :obj:`None`: no expiry.
+        ttl (:obj:`float` | :class:`datetime.timedelta`, optional): An idle timeout: a value
+            neither read nor written for this many seconds expires; it then reads as
+            :obj:`None` and is deleted. It expires when ``clock()`` is after its last use plus
+            ``ttl``. Defaults to :obj:`None`: no expiry.
         clock (Callable[[], :obj:`float`], optional): The time in seconds. Defaults to
             :func:`time.time`.
         codec (:class:`~ptb_sessions.Codec`, optional): How values are copied. Defaults to
@@ -43,7 +54,7 @@ class MemoryStorage:
         TypeError: ``ttl`` is neither a number nor a timedelta.
     """
 
-    __slots__ = ("_clock", "_codec", "_data", "_read_versions", "_ttl", "_versions")
+    __slots__ = ("_data", "_policy", "_read_versions", "_versions")
 
     def __init__(
         self,
@@ -52,21 +63,18 @@ class MemoryStorage:
         clock: Callable[[], float] = time.time,
         codec: Codec | None = None,
     ) -> None:
-        self._ttl = normalize_ttl(ttl)
-        self._clock = clock
-        self._codec: Codec = codec if codec is not None else JSONCodec()
-        # key -> (encoded value, version, written at)
-        self._data: dict[str, tuple[str | bytes, int, float]] = {}
+        self._policy = RowPolicy(codec, max_value_size=None, ttl=ttl, clock=clock)
+        self._data: dict[str, _Entry] = {}
         self._versions = itertools.count(1)
         self._read_versions: ReadVersions[int] = ReadVersions()
 
     @property
     def ttl(self) -> float | None:
         """:obj:`float` | :obj:`None`: The time to live in seconds, or :obj:`None`."""
-        return self._ttl
+        return self._policy.ttl
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(ttl={self._ttl!r}, keys={len(self._data)})"
+        return f"{type(self).__name__}(ttl={self.ttl!r}, keys={len(self._data)})"
 
     def __bool__(self) -> bool:
         """Always :obj:`True`, even when empty, so ``storage or MemoryStorage()`` keeps it."""
@@ -78,12 +86,12 @@ class MemoryStorage:
             self._live(key)
         return len(self._data)
 
-    def _live(self, key: str) -> tuple[str | bytes, int, float] | None:
+    def _live(self, key: str) -> _Entry | None:
         """The entry of ``key`` if it is stored and not expired; an expired one is deleted."""
         entry = self._data.get(key)
         if entry is None:
             return None
-        if self._ttl is not None and self._clock() > entry[2] + self._ttl:
+        if self._policy.is_expired(entry.expires_at):
             del self._data[key]
             return None
         return entry
@@ -94,18 +102,20 @@ class MemoryStorage:
             return
         # An entry that expired since it was read still has the version that was read.
         entry = self._data.get(key)
-        if (None if entry is None else entry[1]) != version:
+        if (None if entry is None else entry.version) != version:
             raise conflict_error(key)
 
     async def read(self, key: str) -> Any | None:
         """Return a copy of the value stored for ``key``, or :obj:`None` if there is none or it
-        expired (it is then deleted). Remembers the version read."""
+        expired (it is then deleted). Remembers the version read, and refreshes the expiry."""
         entry = self._live(key)
         if entry is None:
             self._read_versions.remember(key, None)
             return None
-        value = self._codec.decode(entry[0])
-        self._read_versions.remember(key, entry[1])
+        value = self._policy.codec.decode(entry.data)
+        if self._policy.touch_due(entry.expires_at):
+            entry.expires_at = self._policy.expires_at()
+        self._read_versions.remember(key, entry.version)
         return value
 
     async def write(self, key: str, value: Any) -> None:
@@ -117,11 +127,11 @@ class MemoryStorage:
             ptb_sessions.ConflictError: ``key`` was changed since this process read it.
         """
         try:
-            data = self._codec.encode(value)
+            data = self._policy.codec.encode(value)
         except SerializationError as exc:
             raise exc.located(f"session[{key!r}]") from exc
         self._check_version(key)
-        self._data[key] = (data, next(self._versions), self._clock())
+        self._data[key] = _Entry(data, next(self._versions), self._policy.expires_at())
 
     async def delete(self, key: str) -> None:
         """Remove the value stored for ``key``, if any.
@@ -148,4 +158,4 @@ class MemoryStorage:
         for key in list(self._data):
             entry = self._live(key)
             if entry is not None:
-                yield key, self._codec.decode(entry[0])
+                yield key, self._policy.codec.decode(entry.data)

@@ -11,12 +11,11 @@ from typing import Any
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ptb_sessions._codec import Codec, JSONCodec
-from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
-from ptb_sessions._store import ANY_VERSION, Database, Record, Write, check_key
+from ptb_sessions._codec import Codec
+from ptb_sessions._rowpolicy import DEFAULT_MAX_VALUE_SIZE, RowPolicy
+from ptb_sessions._store import ANY_VERSION, Database, check_key
 from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._base import ReadVersions
-from ptb_sessions.storage._enhance import apply_migrations, normalize_ttl, sorted_migrations
 
 __all__ = ["SQLAlchemyStorage"]
 
@@ -40,8 +39,8 @@ class SQLAlchemyStorage:
             :class:`~sqlalchemy.ext.asyncio.AsyncEngine`.
         namespace: The namespace of the rows; one per kind of session.
         codec: How values are encoded; :class:`~ptb_sessions.JSONCodec` by default.
-        ttl: Seconds (or a :class:`~datetime.timedelta`) after the last write when a value
-            expires.
+        ttl: The idle timeout in seconds (or a :class:`~datetime.timedelta`): a value
+            neither read nor written for this long expires (SPEC 4).
         migrations: Versioned data migrations; see :func:`~ptb_sessions.enhance_storage`.
         auto_upgrade: Create or upgrade the schema on first use.
         clock: Seconds since the epoch; injected in tests.
@@ -50,16 +49,7 @@ class SQLAlchemyStorage:
             :meth:`ptb_sessions.SQLAlchemyPersistence.storage` passes the persistence's.
     """
 
-    __slots__ = (
-        "_migrations",
-        "_ttl",
-        "_versions",
-        "clock",
-        "codec",
-        "database",
-        "max_value_size",
-        "namespace",
-    )
+    __slots__ = ("_reads", "database", "namespace", "policy")
 
     def __init__(
         self,
@@ -80,12 +70,17 @@ class SQLAlchemyStorage:
         )
         check_key(namespace, "")
         self.namespace = namespace
-        self.codec: Codec = codec if codec is not None else JSONCodec()
-        self.clock = clock
-        self.max_value_size = max_value_size
-        self._ttl = normalize_ttl(ttl)
-        self._migrations = sorted_migrations(migrations) if migrations is not None else None
-        self._versions: ReadVersions[int] = ReadVersions()
+        #: The row policy: codec, size limit, ttl, migrations and clock.
+        self.policy = RowPolicy(
+            codec, max_value_size=max_value_size, ttl=ttl, migrations=migrations, clock=clock
+        )
+        # What this task's last read found: the version, and whether it was migrated.
+        self._reads: ReadVersions[tuple[int | None, bool]] = ReadVersions()
+
+    @property
+    def codec(self) -> Codec:
+        """The codec of the values."""
+        return self.policy.codec
 
     def __repr__(self) -> str:
         return f"SQLAlchemyStorage({self.database.masked_url!r}, namespace={self.namespace!r})"
@@ -97,30 +92,21 @@ class SQLAlchemyStorage:
         migrations: Mapping[float, Callable[[Any], Any]] | None,
         clock: Callable[[], float],
     ) -> SQLAlchemyStorage:
+        policy = self.policy
         return SQLAlchemyStorage(
             self.database,
             namespace=self.namespace,
-            codec=self.codec,
+            codec=policy.codec,
             ttl=ttl,
             migrations=migrations,
             clock=clock,
-            max_value_size=self.max_value_size,
+            max_value_size=policy.max_value_size,
         )
-
-    def _decode(self, key: str, record: Record) -> Any:
-        value = decode_record(self.codec, record, self.namespace, key)
-        if self._migrations is not None:
-            value, _ = apply_migrations(
-                value, record.data_version, self._migrations, key=f"{self.namespace}[{key!r}]"
-            )
-        return value
-
-    def _expired(self, record: Record) -> bool:
-        return record.expires_at is not None and record.expires_at < self.clock()
 
     async def read(self, key: str) -> Any | None:
         """The value stored for ``key``, or :obj:`None` (nothing stored, or expired: an expired
-        row is deleted).
+        row is deleted). With a ttl, the read refreshes the expiry (a cheap update of the
+        expiry only, skipped while less than a tenth of the ttl has passed).
 
         Raises:
             StorageError: The database failed or the row cannot be decoded; never
@@ -128,16 +114,24 @@ class SQLAlchemyStorage:
             MigrationError: A data migration failed.
         """
         check_key(self.namespace, key)
+        policy = self.policy
         record = await self.database.get(self.namespace, key)
-        if record is not None and self._expired(record):
-            await self.database.delete_if_expired(self.namespace, key)
-            record = None
-        if record is None:
-            self._versions.remember(key, None)
+        opened = None if record is None else policy.open(record, self.namespace, key)
+        if record is None or opened is None:
+            if record is not None:
+                await self.database.delete_if_expired(self.namespace, key, now=policy.clock())
+            self._reads.remember(key, (None, False))
             return None
-        value = self._decode(key, record)
-        self._versions.remember(key, record.version)
-        return value
+        if opened.touch:
+            await self.database.touch(self.namespace, [key], policy.expires_at())
+        self._reads.remember(key, (record.version, opened.migrated))
+        return opened.value
+
+    def needs_writeback(self, key: str) -> bool:
+        """Whether the value this task last read for ``key`` was migrated, so that it must be
+        written back at the latest data version even if unchanged."""
+        read = self._reads.peek(key)[1]
+        return read is not None and read[1]
 
     async def write(self, key: str, value: Any) -> None:
         """Store ``value`` for ``key``.
@@ -148,10 +142,9 @@ class SQLAlchemyStorage:
             StorageError: The database failed.
         """
         check_key(self.namespace, key)
-        codec, data = encode_value(
-            self.codec, value, f"{self.namespace}[{key!r}]", self.max_value_size
-        )
-        await self._write(key, data, codec)
+        write = self.policy.write(self.namespace, key, value)
+        write.expected_version = self._expected_version(key)
+        await self.database.write_one(write)
 
     async def delete(self, key: str) -> None:
         """Delete the value of ``key``, if any.
@@ -160,41 +153,36 @@ class SQLAlchemyStorage:
             ConflictError: The row changed since this task read it; nothing is deleted.
         """
         check_key(self.namespace, key)
-        await self._write(key, None, self.codec.name)
-
-    async def _write(self, key: str, data: str | None, codec: str) -> None:
-        known, version = self._versions.pop(key)
-        write = Write(
-            self.namespace,
-            key,
-            data,
-            codec,
-            expected_version=version if known else ANY_VERSION,
-            data_version=None if self._migrations is None else self._migrations[-1][0],
-            expires_at=None if self._ttl is None else self.clock() + self._ttl,
-        )
+        write = self.policy.delete(self.namespace, key)
+        write.expected_version = self._expected_version(key)
         await self.database.write_one(write)
+
+    def _expected_version(self, key: str) -> int | None:
+        """The version this task read for ``key`` (forgotten now), or :data:`ANY_VERSION`."""
+        known, read = self._reads.pop(key)
+        return read[0] if known and read is not None else ANY_VERSION
 
     async def has(self, key: str) -> bool:
         """Whether an unexpired value is stored for ``key``."""
         record = await self.database.get(self.namespace, key)
-        return record is not None and not self._expired(record)
+        return record is not None and not self.policy.is_expired(record.expires_at)
 
     async def keys(self) -> AsyncIterator[str]:
         """The keys of the unexpired values."""
         async for key, record in self.database.scan(self.namespace):
-            if not self._expired(record):
+            if not self.policy.is_expired(record.expires_at):
                 yield key
 
     async def items(self) -> AsyncIterator[tuple[str, Any]]:
         """The ``(key, value)`` pairs of the unexpired values, migrated."""
         async for key, record in self.database.scan(self.namespace):
-            if not self._expired(record):
-                yield key, self._decode(key, record)
+            opened = self.policy.open(record, self.namespace, key)
+            if opened is not None:
+                yield key, opened.value
 
     async def purge_expired(self) -> int:
         """Delete the expired rows of this namespace. Returns their count."""
-        return await self.database.purge_expired(self.namespace)
+        return await self.database.purge_expired(self.namespace, now=self.policy.clock())
 
     @contextlib.asynccontextmanager
     async def lock(self, key: str) -> AsyncIterator[None]:
