@@ -1,8 +1,8 @@
-"""Session timeouts: a shopping list that forgets itself after 30 minutes without changes.
+"""Session timeouts: a shopping list that forgets itself after 30 minutes without use.
 
-``/add <item>`` puts an item on the chat's list, ``/list`` shows it. A list that was not changed
-for :data:`TTL` expires: the next update starts from an empty list again. Every change restarts
-the period; looking at the list does not.
+``/add <item>`` puts an item on the chat's list, ``/list`` shows it. A list that was neither
+changed nor looked at for :data:`TTL` expires: the next update starts from an empty list again.
+Every use restarts the period (the ttl is idle time).
 
 Run it with ``TELEGRAM_BOT_TOKEN=123:ABC python examples/timeoutbot.py``.
 """

@@ -60,7 +60,7 @@ class Dialect:
         """Keyword arguments of :func:`~sqlalchemy.ext.asyncio.create_async_engine`."""
         # No pre-ping (a round trip per checkout): a statement on a connection that died (a
         # server restart) fails as "invalidated", which Database retries once on a fresh one.
-        return {"pool_recycle": 1800}
+        return {"pool_recycle": 1800, "pool_size": 15, "max_overflow": 0}
 
     def prepare_engine(self, engine: Engine) -> None:
         """Install event listeners on an engine created by the package."""

@@ -59,8 +59,8 @@ class Fragment:
         prefix (:obj:`str`, optional): Put in front of every key. Defaults to ``""``.
         lazy (:obj:`bool`, optional): Whether ``context.session.<name>`` is a
             :class:`~ptb_sessions.LazySession`. Defaults to :obj:`False`.
-        ttl (:obj:`float` | :class:`datetime.timedelta`, optional): Values not written for this
-            long expire. Defaults to :obj:`None`.
+        ttl (:obj:`float` | :class:`datetime.timedelta`, optional): Values neither read nor
+            written for this long expire. Defaults to :obj:`None`.
         migrations (Mapping[:obj:`float`, Callable[[Any], Any]], optional): Versioned data
             migrations. Defaults to :obj:`None`.
         clock (Callable[[], :obj:`float`], optional): The time in seconds, for ``ttl``. Defaults
@@ -184,8 +184,9 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         prefix (:obj:`str`, optional): Put in front of every key, e.g. to share a storage.
             Defaults to ``""``.
         lazy (:obj:`bool`, optional): Lazy sessions. Defaults to :obj:`False`.
-        ttl (:obj:`float` | :class:`datetime.timedelta`, optional): Values not written for this
-            long expire (see :func:`~ptb_sessions.enhance_storage`). Defaults to :obj:`None`.
+        ttl (:obj:`float` | :class:`datetime.timedelta`, optional): Values neither read nor
+            written for this long expire (see :func:`~ptb_sessions.enhance_storage`). Defaults
+            to :obj:`None`.
         migrations (Mapping[:obj:`float`, Callable[[Any], Any]], optional): Versioned data
             migrations (see :func:`~ptb_sessions.enhance_storage`). Defaults to :obj:`None`.
         fragments (Mapping[:obj:`str`, :class:`Fragment`], optional): Makes this a multi

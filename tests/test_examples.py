@@ -156,16 +156,18 @@ async def test_timeoutbot(session_storage: Maker) -> None:
         for minute, text in [
             (0, "/add milk"),
             (10, "/add eggs"),
-            (39, "/list"),  # changed at minute 10: kept until minute 40
-            (41, "/list"),
-            (41, "/add bread"),
-            (42, "/list"),
+            (39, "/list"),  # used at minute 10: kept until minute 40; looking refreshes it
+            (68, "/list"),  # used at minute 39: kept until minute 69
+            (99, "/list"),  # idle for 31 minutes: expired
+            (99, "/add bread"),
+            (100, "/list"),
         ]:
             clock.now = start + minute * 60
             await process(bot.app, message_update(3, text))
     assert bot.texts(3) == [
         "1 items on the list.",
         "2 items on the list.",
+        "milk, eggs",
         "milk, eggs",
         "The list is empty.",
         "1 items on the list.",

@@ -225,7 +225,10 @@ async def test_unencodable_value_fails_for_its_chat_only(db_url: str) -> None:
 
 class Outage:
     """Makes the database unreachable and reachable again: a TCP proxy cut for servers, an
-    exclusive lock held by another connection for SQLite."""
+    exclusive lock held by another connection for SQLite. The bot's persistence gets a short
+    deadline (:attr:`TIMEOUT`), so that a locked SQLite file fails soon."""
+
+    TIMEOUT = 1.0
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -233,7 +236,7 @@ class Outage:
         self.lock: sqlite3.Connection | None = None
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite":
-            self.bot_url = url + "?timeout=0.2"
+            self.bot_url = url
         else:
             self.proxy = OutageProxy(parsed.host or "127.0.0.1", parsed.port or 0)
             self.bot_url = parsed.set(host="127.0.0.1", port=self.proxy.port).render_as_string(
@@ -262,7 +265,9 @@ class Outage:
 async def test_database_outage_keeps_writes_until_it_is_back(db_url: str) -> None:
     outage = Outage(db_url)
     try:
-        persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(outage.bot_url)
+        persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(
+            outage.bot_url, timeout=Outage.TIMEOUT
+        )
         app = builder().persistence(persistence).build()
         errors = errors_of(app)
 
