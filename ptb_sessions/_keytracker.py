@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Hashable, Iterator
+import itertools
+from collections.abc import Hashable
 from typing import Any, Final, Generic, TypeVar
 
 from ptb_sessions._errors import StorageError
@@ -202,11 +203,14 @@ class KeyTracker(Generic[K]):
         if not entry.in_use and entry.state is KeyState.UNLOADED:
             del self._keys[key]
 
-    def eviction_candidates(self) -> Iterator[tuple[K, TrackedKey]]:
-        """The loaded keys no running update uses, least recently used first."""
-        for key, entry in list(self._keys.items()):
-            if entry.state is KeyState.LOADED and not entry.in_use and key not in self.loading:
-                yield key, entry
+    def least_recently_used(self, limit: int | None = None) -> list[tuple[K, TrackedKey]]:
+        """The tracked keys (at most ``limit``), least recently used first."""
+        items = self._keys.items()
+        return list(items if limit is None else itertools.islice(items, limit))
+
+    def may_evict(self, key: K, entry: TrackedKey) -> bool:
+        """Whether ``key`` is loaded and neither in use nor being loaded."""
+        return entry.state is KeyState.LOADED and not entry.in_use and key not in self.loading
 
 
 class UpdateHolds:

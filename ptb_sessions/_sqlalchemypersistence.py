@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 __all__ = ["SQLAlchemyPersistence"]
 
 _LOGGER = logging.getLogger(__name__)
+#: How many of the least recently used ids a load looks at when evicting (see ``_evict``).
+_EVICTION_LOOKS = 32
 
 UD = TypeVar("UD")
 CD = TypeVar("CD")
@@ -928,28 +930,31 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def _evict(self, tracker: KeyTracker[int], keep: int | None = None) -> None:
         """Drop the least recently used ids from the application's memory, down to
         ``max_cached``, if no running update uses them and their data is written and
-        unchanged since."""
+        unchanged since.
+
+        After a write (no ``keep``) every tracked id is looked at. After a load (``keep``: the
+        id just loaded) only a few of the least recently used: one that cannot go now (in use,
+        changed, marked) counts as used, so the next load looks at others and a load costs
+        the same with 10 or 100,000 chats in memory.
+        """
         if self.max_cached is None or self._app is None:
             return
         live, marked = _application_memory(self._app, tracker.namespace)
         excess = len(live) - self.max_cached
         if excess <= 0:
             return
-        for item_id, entry in tracker.eviction_candidates():
+        limit = None if keep is None else _EVICTION_LOOKS
+        for item_id, entry in tracker.least_recently_used(limit):
             if excess <= 0:
                 break
-            if item_id == keep or item_id in marked:
-                continue
-            data = live.get(item_id)
-            if data is None or data is not entry.held:
-                continue
-            if (tracker.namespace, str(item_id)) in self._pending or not self._is_written(
-                tracker.namespace, entry, data
-            ):
+            if item_id == keep or not self._can_evict(tracker, item_id, entry, live, marked):
+                tracker.used(item_id)
                 continue
             del live[item_id]
             tracker.forget(item_id)
             excess -= 1
+        if keep is not None:
+            return
         # ids PTB created but never refreshed (e.g. by looking one up) are not ours to keep
         for item_id in list(live):
             if excess <= 0:
@@ -957,6 +962,25 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             if tracker.get(item_id) is None and item_id not in marked and not live[item_id]:
                 del live[item_id]
                 excess -= 1
+
+    def _can_evict(
+        self,
+        tracker: KeyTracker[int],
+        item_id: int,
+        entry: TrackedKey,
+        live: dict[int, Any],
+        marked: set[int],
+    ) -> bool:
+        """Whether ``item_id`` may leave memory now: tracked and idle, PTB's object the one
+        tracked, not marked for the next save, and written as it is."""
+        if item_id in marked or not tracker.may_evict(item_id, entry):
+            return False
+        data = live.get(item_id)
+        if data is None or data is not entry.held:
+            return False
+        return (tracker.namespace, str(item_id)) not in self._pending and self._is_written(
+            tracker.namespace, entry, data
+        )
 
     # -- chat migration -------------------------------------------------------------------
 
