@@ -1,9 +1,12 @@
 """``ptb-sessions export``, ``import`` and ``import-pickle``: moving rows in and out.
 
 The JSONL format of ``export`` / ``import`` is a lossless backup a user can read and diff: one
-JSON object per row, with the fields of :data:`FIELDS` in that order, sorted by namespace and
-key (by code point, on every backend). ``data`` is the stored text as is (JSON, or base64 for
-pickled rows), so importing it gives identical rows, ``version`` and timestamps included.
+JSON object per line. First the rows, with the fields of :data:`FIELDS` in that order, sorted
+by namespace and key (by code point, on every backend); ``data`` is the stored text as is
+(JSON, or base64 for pickled rows), so importing it gives identical rows, ``version`` and
+timestamps included. Then the stored jobs of ``store_jobs=True``, one line
+``{"job": {<its columns>}}`` each, sorted by id (see :mod:`ptb_sessions._cli_jobs`); a
+database at revision 0001 has no jobs table and exports rows only.
 """
 
 from __future__ import annotations
@@ -19,16 +22,33 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO, cast
+from typing import Any, Final, Literal, TextIO, cast
 
 from sqlalchemy import Table, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from telegram.ext import ExtBot, PicklePersistence
 
-from ptb_sessions._cli_common import PROG, CLIError, Deadline, progress_bar, require_head
+from ptb_sessions._cli_common import (
+    PROG,
+    CLIError,
+    Deadline,
+    plural,
+    progress_bar,
+    require_migrated,
+)
+from ptb_sessions._cli_jobs import (
+    COUNT_JOBS,
+    JOBS_QUERY,
+    has_jobs_table,
+    insert_jobs,
+    is_job_line,
+    job_line,
+    parse_job_line,
+)
 from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
 from ptb_sessions._errors import SerializationError
 from ptb_sessions._rows import encode_value
@@ -36,7 +56,7 @@ from ptb_sessions._schema import MAX_NAMESPACE_LENGTH, StoredRow
 from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES, SQLAlchemyPersistence
 from ptb_sessions._store import Database, check_key
 
-__all__ = ["FIELDS", "export_jsonl", "import_jsonl", "import_pickle"]
+__all__ = ["FIELDS", "Transferred", "export_jsonl", "import_jsonl", "import_pickle"]
 
 #: The fields of one exported row, in the order they are written.
 FIELDS: Final = (
@@ -58,6 +78,19 @@ _INT32: Final = 1 << 31
 PICKLE_SUFFIXES: Final = ("user_data", "chat_data", "bot_data", "callback_data", "conversations")
 #: A token for the bot that unpickling puts where the pickled data held PTB's bot.
 _PLACEHOLDER_TOKEN: Final = "123456:ptb-sessions-import-placeholder"
+
+
+@dataclass(frozen=True, slots=True)
+class Transferred:
+    """How much ``export`` wrote or ``import`` inserted."""
+
+    rows: int
+    jobs: int
+
+    def __str__(self) -> str:
+        if not self.jobs:
+            return plural(self.rows, "row")
+        return f"{plural(self.rows, 'row')} and {plural(self.jobs, 'job')}"
 
 
 # -- export -------------------------------------------------------------------------------
@@ -110,12 +143,27 @@ def _export_target(name: str, *, force: bool) -> tuple[Path | None, Path | None]
     return None, Path(os.path.realpath(path))  # replace the file, keep the symlink
 
 
-async def _write_rows(database: Database, file: TextIO, name: str, deadline: Deadline) -> int:
+async def _batches(
+    connection: AsyncConnection, query: Any, deadline: Deadline, what: str
+) -> AsyncIterator[Sequence[Any]]:
+    """The result rows of ``query``, streamed in batches, each fetch within the deadline."""
+    result = await deadline(connection.stream(query.execution_options(yield_per=_BATCH)), what)
+    while rows := await deadline(result.fetchmany(_BATCH), what):
+        yield rows
+
+
+async def _count(connection: AsyncConnection, query: Any, deadline: Deadline, what: str) -> int:
+    return int((await deadline(connection.execute(query), what)).scalar_one())
+
+
+async def _write_lines(
+    database: Database, file: TextIO, name: str, deadline: Deadline
+) -> Transferred:
     namespace, key = _C.namespace, _C.key
     if database.dialect == "postgresql":  # code point order, whatever the database's collation
         namespace, key = namespace.collate("C"), key.collate("C")  # type: ignore[assignment]
-    query = select(*(_C[field] for field in FIELDS)).order_by(namespace, key)
-    count = 0
+    rows_query = select(*(_C[field] for field in FIELDS)).order_by(namespace, key)
+    written = {"rows": 0, "jobs": 0}
     with progress_bar() as bar:
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -123,54 +171,53 @@ async def _write_rows(database: Database, file: TextIO, name: str, deadline: Dea
                     stack.enter_async_context(database.engine.connect()), "Connecting"
                 )
                 await connection.execution_options(ptb_sessions_read_only=True)
-                # one snapshot of the whole table
+                # one snapshot of both tables
                 await deadline(stack.enter_async_context(connection.begin()), "Exporting")
-                total = (
-                    await deadline(
-                        connection.execute(select(func.count()).select_from(_TABLE)),
-                        "Counting the rows",
-                    )
-                ).scalar_one()
+                parts: list[tuple[str, Any, Any, Callable[[Sequence[Any]], str]]] = [
+                    ("rows", select(func.count()).select_from(_TABLE), rows_query, _row_line)
+                ]
+                if await deadline(has_jobs_table(connection), "Reading the schema"):
+                    parts.append(("jobs", COUNT_JOBS, JOBS_QUERY, job_line))
+                total = 0
+                for what, count, _, _ in parts:
+                    total += await _count(connection, count, deadline, f"Counting the {what}")
                 task = bar.add_task(f"Exporting to {name}", total=total)
-                result = await deadline(
-                    connection.stream(query.execution_options(yield_per=_BATCH)),
-                    "Exporting the rows",
-                )
-                while rows := await deadline(result.fetchmany(_BATCH), "Exporting the rows"):
-                    for row in rows:
-                        _write(file, _row_line(row), name)
-                    count += len(rows)
-                    bar.advance(task, len(rows))
+                for what, _, query, line_of in parts:
+                    async for batch in _batches(connection, query, deadline, f"Exporting {what}"):
+                        for row in batch:
+                            _write(file, line_of(row), name)
+                        written[what] += len(batch)
+                        bar.advance(task, len(batch))
         except (SQLAlchemyError, OSError) as exc:
             raise database.error(exc, "Exporting the rows") from exc
-    return count
+    return Transferred(written["rows"], written["jobs"])
 
 
 async def export_jsonl(
     database: Database, name: str, *, force: bool = False, deadline: Deadline
-) -> int:
-    """Write every row of ``database`` to the file ``name`` (JSONL, see the module docs; ``-``
-    is standard output). A regular file is written atomically (it appears only once
-    complete) and replaces an existing one only with ``force``; a device or pipe is written
-    through. Returns the number of rows.
+) -> Transferred:
+    """Write every row and stored job of ``database`` to the file ``name`` (JSONL, see the
+    module docs; ``-`` is standard output). A regular file is written atomically (it appears
+    only once complete) and replaces an existing one only with ``force``; a device or pipe is
+    written through. Any migrated revision can be exported (a backup before an upgrade).
 
     Raises:
         CLIError: The database is not migrated, or the file cannot be written.
         ptb_sessions.StorageError: The database failed.
     """
     direct, replaced = _export_target(name, force=force)
-    await deadline(require_head(database), "Reading the schema revision")
+    await deadline(require_migrated(database), "Reading the schema revision")
     if replaced is None:
         if direct is None:
-            count = await _write_rows(database, sys.stdout, name, deadline)
+            written = await _write_lines(database, sys.stdout, name, deadline)
             sys.stdout.flush()
-            return count
+            return written
         try:
             file = direct.open("w", encoding="utf-8", newline="\n")
         except OSError as exc:
             raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
         with file:
-            return await _write_rows(database, file, name, deadline)
+            return await _write_lines(database, file, name, deadline)
     temporary = replaced.with_name(f".{replaced.name}.{os.getpid()}.tmp")
     try:
         try:
@@ -178,14 +225,14 @@ async def export_jsonl(
         except OSError as exc:
             raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
         with file:
-            count = await _write_rows(database, file, name, deadline)
+            written = await _write_lines(database, file, name, deadline)
         try:
             temporary.replace(replaced)
         except OSError as exc:
             raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
     finally:
         temporary.unlink(missing_ok=True)
-    return count
+    return written
 
 
 # -- import -------------------------------------------------------------------------------
@@ -246,11 +293,40 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
 
 
-def _rows(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of each line of ``path`` (called ``name`` in errors).
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """One checked line of an ``export`` file: a row or a stored job, as column values."""
+
+    number: int
+    kind: Literal["row", "job"]
+    values: dict[str, Any]
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What two lines of one file must not share."""
+        if self.kind == "job":
+            return ("job", self.values["id"])
+        return ("row", self.values["namespace"], self.values["key"])
+
+    def describe(self) -> str:
+        if self.kind == "job":
+            return f"the job {self.values['id']!r}"
+        return f"{self.values['namespace']}[{self.values['key']!r}]"
+
+
+def _parsed(obj: Any) -> tuple[Literal["row", "job"], dict[str, Any]]:
+    """What one decoded line holds. Raises :exc:`ValueError` saying what is wrong."""
+    if is_job_line(obj):
+        return "job", parse_job_line(obj)
+    return "row", _validate(obj)
+
+
+def _lines(path: Path, name: str) -> Iterator[_Line]:
+    """Each line of ``path`` (called ``name`` in errors), checked.
 
     Raises:
-        CLIError: A line is not a valid row (a truncated or corrupted file), naming the line.
+        CLIError: A line is not a valid row or job (a truncated or corrupted file), naming
+            the line.
     """
     try:
         with path.open("rb") as file:
@@ -281,31 +357,34 @@ def _rows(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
                         f"{where}: not valid JSON ({detail}{column}); {hint}; nothing was imported"
                     ) from None
                 try:
-                    row = _validate(obj)
+                    kind, values = _parsed(obj)
                 except ValueError as exc:
+                    what = "stored job" if is_job_line(obj) else "ptb-sessions row"
                     raise CLIError(
-                        f"{where}: not a ptb-sessions row ({exc}); {hint}; nothing was imported"
+                        f"{where}: not a {what} ({exc}); {hint}; nothing was imported"
                     ) from None
-                yield number, row
+                yield _Line(number, kind, values)
     except OSError as exc:
         raise CLIError(f"cannot read {name}: {exc.strerror or exc}") from exc
 
 
-def _check_file(path: Path, name: str) -> int:
-    """Validate every line of ``path`` before anything is written. Returns the row count."""
+def _check_file(path: Path, name: str) -> Transferred:
+    """Validate every line of ``path`` before anything is written. Returns what it holds."""
     if not path.exists():
         raise CLIError(f"there is no file {name}")
     if path.is_dir():
         raise CLIError(f"cannot read {name}: it is a directory")
-    seen: dict[tuple[str, str], int] = {}
-    for number, row in _rows(path, name):
-        first = seen.setdefault((row["namespace"], row["key"]), number)
-        if first != number:
+    seen: dict[tuple[str, ...], int] = {}
+    jobs = 0
+    for line in _lines(path, name):
+        first = seen.setdefault(line.identity, line.number)
+        if first != line.number:
             raise CLIError(
-                f"{name}:{number}: {row['namespace']}[{row['key']!r}] is already on line "
-                f"{first}; nothing was imported"
+                f"{name}:{line.number}: {line.describe()} is already on line {first}; "
+                "nothing was imported"
             )
-    return len(seen)
+        jobs += line.kind == "job"
+    return Transferred(len(seen) - jobs, jobs)
 
 
 @contextlib.contextmanager
@@ -355,45 +434,46 @@ async def _insert_chunk(
 
 async def import_jsonl(
     database: Database, name: str, *, replace: bool = False, deadline: Deadline
-) -> int:
-    """Insert the rows of the file ``name`` (written by :func:`export_jsonl`; ``-`` is
-    standard input) as they are, in one transaction: first every line is checked, then
-    everything is written or nothing. Creates or upgrades the schema if needed. Returns the
-    number of rows.
+) -> Transferred:
+    """Insert the rows and stored jobs of the file ``name`` (written by :func:`export_jsonl`;
+    ``-`` is standard input) as they are, in one transaction: first every line is checked,
+    then everything is written or nothing. Creates or upgrades the schema if needed.
 
     Raises:
-        CLIError: The file is missing, a line is not a valid row (naming the line), or a row
-            already exists (without ``replace``).
+        CLIError: The file is missing, a line is not a valid row or job (naming the line), or
+            a row or job already exists (without ``replace``).
         ptb_sessions.StorageError: The database failed; nothing was written.
     """
     shown = "<stdin>" if name == "-" else name
+    url = database.masked_url
     with _readable_twice(name) as path:
         total = _check_file(path, shown)
         what = f"Importing {shown}"
         with progress_bar() as bar:
-            task = bar.add_task(what, total=total)
+            task = bar.add_task(what, total=total.rows + total.jobs)
             async with contextlib.AsyncExitStack() as stack:
                 connection = await deadline(
                     stack.enter_async_context(database.connect(what)), what
                 )
-                chunk: list[dict[str, Any]] = []
-                for _, row in _rows(path, shown):
-                    chunk.append(row)
-                    if len(chunk) == _CHUNK:
-                        await deadline(
-                            _insert_chunk(
-                                connection, chunk, replace=replace, url=database.masked_url
-                            ),
-                            what,
-                        )
-                        bar.advance(task, len(chunk))
-                        chunk = []
-                if chunk:
-                    await deadline(
-                        _insert_chunk(connection, chunk, replace=replace, url=database.masked_url),
-                        what,
-                    )
+
+                async def insert(kind: str, chunk: list[dict[str, Any]]) -> None:
+                    if kind == "job":
+                        inserting = insert_jobs(connection, chunk, replace=replace, url=url)
+                    else:
+                        inserting = _insert_chunk(connection, chunk, replace=replace, url=url)
+                    await deadline(inserting, what)
                     bar.advance(task, len(chunk))
+
+                chunks: dict[str, list[dict[str, Any]]] = {"row": [], "job": []}
+                for line in _lines(path, shown):
+                    chunk = chunks[line.kind]
+                    chunk.append(line.values)
+                    if len(chunk) == _CHUNK:
+                        await insert(line.kind, chunk)
+                        chunks[line.kind] = []
+                for kind, chunk in chunks.items():
+                    if chunk:
+                        await insert(kind, chunk)
                 await deadline(stack.aclose(), what)  # the commit
     return total
 

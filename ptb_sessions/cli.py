@@ -22,8 +22,9 @@ SQLite file ``ptb_sessions.sqlite3`` in the current directory. Plain sync URLs
 Only ``db upgrade`` / ``db downgrade``, ``import``, ``import-pickle`` and ``demo`` create or
 change the schema. The read commands (``db current``, ``db check``, ``stats``, ``keys``,
 ``show``, ``export``) never do, never write and never unpickle: on a database that is not at
-the newest revision they stop with an error naming the ``db upgrade`` command to run, and they
-never create a missing SQLite file.
+the newest revision they stop with an error naming the ``db upgrade`` command to run (``export``
+also reads an older revision, so a backup can come before the upgrade), and they never create
+a missing SQLite file.
 
 Every mistake or failure (a bad URL, an unreachable server, an unknown namespace, a missing
 file, a database that is not migrated) is one line on stderr, ``ptb-sessions: error: ...``
@@ -63,11 +64,11 @@ from ptb_sessions._cli_common import (
     CLIError,
     Deadline,
     current_revision,
+    destroyed_by_downgrade,
     literal,
     open_database,
     plural,
     require_head,
-    row_count,
     stderr_console,
     stdout_console,
 )
@@ -219,11 +220,13 @@ async def _migrate(database: Database, args: argparse.Namespace, deadline: Deadl
     if not _alembic.is_known(current):
         assert current is not None
         raise _alembic.newer_revision_error(current, database.masked_url)
-    if action == "downgrade" and not args.yes:
-        rows = await deadline(row_count(database), "Counting the rows")
-        if rows:
+    if action == "downgrade" and not args.yes and current is not None:
+        destroyed = await deadline(
+            destroyed_by_downgrade(database, current, args.revision), "Counting the rows"
+        )
+        if destroyed:
             raise CLIError(
-                f"db downgrade {args.revision} would destroy {plural(rows, 'stored row')} of "
+                f"db downgrade {args.revision} would destroy {' and '.join(destroyed)} of "
                 f"{database.masked_url}; nothing was changed (back them up with `{PROG} --url "
                 f"'{database.masked_url}' export FILE.jsonl`, then pass --yes)"
             )
@@ -612,9 +615,10 @@ def _register_export(commands: Any) -> None:
         commands,
         "export",
         "write every row to a JSONL file (a backup)",
-        "Write every row to FILE.jsonl, one JSON object a line (a lossless backup that import "
-        "restores). '-' writes to standard output. An existing regular file is replaced only "
-        "with --force; a symlink, device or pipe is written through.",
+        "Write every row, then every stored job, to FILE.jsonl, one JSON object a line (a "
+        "lossless backup that import restores). '-' writes to standard output. An existing "
+        "regular file is replaced only with --force; a symlink, device or pipe is written "
+        "through. A database at an older revision is exported too (a backup before db upgrade).",
     )
     parser.add_argument("file", metavar="FILE.jsonl")
     parser.add_argument(
@@ -626,13 +630,13 @@ def _register_export(commands: Any) -> None:
 async def _export(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
     database = open_database(url, create=False, timeout=deadline.seconds)
     try:
-        count = await export_jsonl(database, args.file, force=args.force, deadline=deadline)
+        written = await export_jsonl(database, args.file, force=args.force, deadline=deadline)
     finally:
         await _dispose(database, deadline)
     # with `export -`, standard output carries only the rows
     console = stderr_console() if args.file == "-" else stdout_console()
     target = "standard output" if args.file == "-" else args.file
-    console.print(f"exported {plural(count, 'row')} from {database.masked_url} to {target}")
+    console.print(f"exported {written} from {database.masked_url} to {target}")
     return 0
 
 
@@ -641,24 +645,25 @@ def _register_import(commands: Any) -> None:
         commands,
         "import",
         "insert the rows of an exported JSONL file",
-        "Insert the rows of a file written by export ('-': standard input), as they are, in "
-        "one transaction: every line is checked first, then everything is written or nothing.",
+        "Insert the rows and jobs of a file written by export ('-': standard input), as they "
+        "are, in one transaction: every line is checked first, then everything is written or "
+        "nothing. Existing rows or jobs are overwritten only with --replace.",
     )
     parser.add_argument("file", metavar="FILE.jsonl")
-    parser.add_argument("--replace", action="store_true", help="overwrite rows that already exist")
+    parser.add_argument(
+        "--replace", action="store_true", help="overwrite rows and jobs that already exist"
+    )
     parser.set_defaults(run=_import)
 
 
 async def _import(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
     database = open_database(url, create=True, timeout=deadline.seconds)
     try:
-        count = await import_jsonl(database, args.file, replace=args.replace, deadline=deadline)
+        inserted = await import_jsonl(database, args.file, replace=args.replace, deadline=deadline)
     finally:
         await _dispose(database, deadline)
     source = "standard input" if args.file == "-" else args.file
-    stdout_console().print(
-        f"imported {plural(count, 'row')} from {source} into {database.masked_url}"
-    )
+    stdout_console().print(f"imported {inserted} from {source} into {database.masked_url}")
     return 0
 
 
