@@ -757,6 +757,51 @@ async def test_a_database_at_revision_0001_exports_its_rows_only(
     assert capsys.readouterr().out.startswith("0001")  # export changed nothing
 
 
+@pytest.mark.parametrize("server", ["postgresql", "mariadb"])
+async def test_a_silent_server_gives_the_job_store_a_storage_error_within_its_timeout(
+    server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from _proxy import OutageProxy
+    from conftest import async_server_url
+
+    url = await async_server_url(server)
+    parsed = make_url(url)
+    proxy = OutageProxy(parsed.host or "127.0.0.1", parsed.port or 0)
+    try:
+        through = parsed.set(host="127.0.0.1", port=proxy.port)
+        persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+            through.render_as_string(hide_password=False), store_jobs=True, timeout=1
+        )
+        app = await start(builder().persistence(persistence).build())
+        assert app.job_queue is not None
+        # no misfire limit: its run, held back by the silent server, still runs afterwards
+        app.job_queue.run_once(tick, 2, name="due", job_kwargs={"misfire_grace_time": None})
+        await stored(url, 1)
+        proxy.stall()
+        with caplog.at_level(logging.ERROR, logger="ptb_sessions"):
+
+            def failed(what: str) -> Callable[[], Awaitable[bool]]:
+                async def logged() -> bool:
+                    return any(
+                        what in r.getMessage() and "no answer within 1 s" in r.getMessage()
+                        for r in caplog.records
+                    )
+
+                return logged
+
+            await eventually(failed("Due jobs are not run"), "the claim to hit its deadline")
+            app.job_queue.run_repeating(tick, 600, name="written later")
+            await eventually(failed("job changes are kept"), "the write to hit its deadline")
+        assert RUNS == []
+        proxy.restore()
+        await asyncio.wait_for(RAN.wait(), 30)  # claimed on a fresh connection, and run
+        await stored(url, 1)  # "written later" is there; "due" ended with its run
+        assert {row["name"] for row in (await rows(url)).values()} == {"written later"}
+        await stop(app)
+    finally:
+        proxy.close()
+
+
 async def test_job_changes_during_an_outage_never_block_and_are_written_when_it_ends(
     db_url: str,
 ) -> None:
