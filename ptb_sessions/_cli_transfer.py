@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Final, Literal, TextIO, cast
 
 from sqlalchemy import Table, delete, func, select
@@ -32,6 +33,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from telegram.ext import ExtBot, PicklePersistence
 
+from ptb_sessions._cli_botscript import (
+    MAIN,
+    as_main,
+    is_from_script,
+    load_script,
+    missing_main_name,
+    scripts_defining,
+)
 from ptb_sessions._cli_common import (
     PROG,
     CLIError,
@@ -55,8 +64,16 @@ from ptb_sessions._rows import encode_value
 from ptb_sessions._schema import MAX_NAMESPACE_LENGTH, StoredRow
 from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES, SQLAlchemyPersistence
 from ptb_sessions._store import Database, check_key
+from ptb_sessions._types import default_name, registrable_classes
 
-__all__ = ["FIELDS", "Transferred", "export_jsonl", "import_jsonl", "import_pickle"]
+__all__ = [
+    "FIELDS",
+    "PickleImport",
+    "Transferred",
+    "export_jsonl",
+    "import_jsonl",
+    "import_pickle",
+]
 
 #: The fields of one exported row, in the order they are written.
 FIELDS: Final = (
@@ -509,13 +526,22 @@ def _unpickling_error(path: Path, cause: BaseException | None, paths: Sequence[P
             f"cannot read {path}: its objects need the module {cause.name!r}, which cannot be "
             f"imported ({searched}); pass --path DIR, the directory of your bot's modules"
         )
-    if isinstance(cause, AttributeError) and "__main__" in str(cause):
+    name = missing_main_name(cause)
+    if name is not None:
+        scripts = scripts_defining(name, paths)
+        found = (
+            f"the scripts {', '.join(map(str, scripts))} all define {name}, pass --path with "
+            "the directory of the bot's alone"
+            if len(scripts) > 1
+            else f"no script directly in {searched} defines {name} at its top level"
+        )
         return (
             f"cannot read {path}: its objects are of classes defined in the bot's __main__ "
-            f"script ({cause}), which no other program can import. Move those classes into a "
-            "module of their own that the bot imports (e.g. models.py), run the bot once so "
-            f"PicklePersistence saves the file again, then run `{PROG} import-pickle --path "
-            "DIR` with the directory of that module"
+            f"script ({cause}); {found}. Pass --path DIR with the directory of the bot's "
+            "script (its top level runs, as an import would; its `if __name__ == "
+            "'__main__':` part does not), or move those classes into a module of their own "
+            "that the bot imports (e.g. models.py), run the bot once so PicklePersistence "
+            f"saves the file again, then run `{PROG} import-pickle --path DIR`"
         )
     if isinstance(cause, AttributeError | ImportError):
         return (
@@ -542,31 +568,38 @@ def _importable_from(paths: Sequence[Path]) -> Iterator[None]:
             sys.path.remove(directory)
 
 
-async def _load_pickle(path: Path, paths: Sequence[Path]) -> dict[str, Any]:
-    """Everything a ``PicklePersistence`` stored at ``path``, read by PTB's own class. This
-    unpickles the file, which runs any code it holds."""
-    single_file = _pickle_layout(path)
+@dataclass(frozen=True, slots=True)
+class PickleImport:
+    """What ``import-pickle`` did."""
+
+    #: How many entries of each kind were copied.
+    counts: dict[str, int]
+    #: What the bot must pass as its codec to read the rows (``JSONCodec(types=[Cart])``),
+    #: if they hold its own classes.
+    codec: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pickled:
+    """What a ``PicklePersistence`` file holds, and the bot script its classes came from."""
+
+    data: dict[str, Any]
+    script: ModuleType | None
+
+
+async def _read_pickle(path: Path, single_file: bool) -> dict[str, Any]:
     source: PicklePersistence[Any, Any, Any] = PicklePersistence(path, single_file=single_file)
-    # Pickled data may hold PTB's bot (replaced by a marker when pickled) or objects of the
-    # bot's own modules: a placeholder bot stands in for the first, --path is searched for
-    # the second.
+    # Pickled data may hold PTB's bot (replaced by a marker when pickled): a placeholder bot
+    # stands in for it.
     source.set_bot(ExtBot(_PLACEHOLDER_TOKEN))
-    try:
-        with _importable_from(paths):
-            data = {
-                "user_data": await source.get_user_data(),
-                "chat_data": await source.get_chat_data(),
-                "bot_data": await source.get_bot_data(),
-                "callback_data": await source.get_callback_data(),
-            }
-            if not single_file:  # a single file holds them (None if never loaded)
-                await source.get_conversations("")
-    except TypeError as exc:  # how PicklePersistence reports unreadable files
-        cause = exc.__cause__
-        if cause is None or isinstance(cause, pickle.UnpicklingError | EOFError):
-            reason = f"{exc} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
-            raise CLIError(f"cannot read {path}: {reason}") from exc
-        raise CLIError(_unpickling_error(path, cause, paths)) from exc
+    data = {
+        "user_data": await source.get_user_data(),
+        "chat_data": await source.get_chat_data(),
+        "bot_data": await source.get_bot_data(),
+        "callback_data": await source.get_callback_data(),
+    }
+    if not single_file:  # a single file holds them (None if never loaded)
+        await source.get_conversations("")
     conversations = {
         name: {key: state for key, state in states.items() if state is not None}
         for name, states in (source.conversations or {}).items()
@@ -576,6 +609,67 @@ async def _load_pickle(path: Path, paths: Sequence[Path]) -> dict[str, Any]:
     if not (isinstance(callback_data, tuple | list) and len(callback_data) == 2):
         data["callback_data"] = None  # old files hold {} when there is none
     return data
+
+
+def _bot_script_for(cause: BaseException | None, paths: Sequence[Path]) -> ModuleType | None:
+    """The bot script in ``paths`` that defines the ``__main__`` class unpickling missed
+    (``cause``), loaded; :obj:`None` if there is not exactly one."""
+    name = missing_main_name(cause)
+    scripts = [] if name is None else scripts_defining(name, paths)
+    if len(scripts) != 1:
+        return None
+    try:
+        return load_script(scripts[0])
+    except Exception as exc:
+        raise CLIError(
+            f"cannot load the bot script {scripts[0]} (for the class {name} of the pickle): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+
+
+async def _load_pickle(path: Path, paths: Sequence[Path]) -> _Pickled:
+    """Everything a ``PicklePersistence`` stored at ``path``, read by PTB's own class. This
+    unpickles the file, which runs any code it holds. The modules of its objects' classes are
+    imported from ``paths``; classes of the bot's ``__main__`` come from the bot script in
+    ``paths`` that defines them (see :mod:`ptb_sessions._cli_botscript`)."""
+    single_file = _pickle_layout(path)
+    script: ModuleType | None = None
+    while True:
+        try:
+            with _importable_from(paths), as_main(script):
+                return _Pickled(await _read_pickle(path, single_file), script)
+        except TypeError as exc:  # how PicklePersistence reports unreadable files
+            cause = exc.__cause__
+            if cause is None or isinstance(cause, pickle.UnpicklingError | EOFError):
+                reason = (
+                    f"{exc} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
+                )
+                raise CLIError(f"cannot read {path}: {reason}") from exc
+            if script is None:
+                with _importable_from(paths):
+                    script = _bot_script_for(cause, paths)
+                if script is not None:
+                    continue  # once more, with the bot script as __main__
+            raise CLIError(_unpickling_error(path, cause, paths)) from exc
+
+
+def _own_types(data: dict[str, Any], script: ModuleType | None) -> dict[str, type]:
+    """The registrable classes in ``data``, by the name the bot's
+    :class:`~ptb_sessions.JSONCodec` stores them under: ``module.QualName``, where the module
+    of a class of the bot script is ``__main__``, as when the bot runs."""
+    return {
+        f"{MAIN}.{cls.__qualname__}" if is_from_script(cls, script) else default_name(cls): cls
+        for cls in registrable_classes(data)
+    }
+
+
+def _types_argument(types: dict[str, type], script: ModuleType | None) -> str:
+    """What the bot passes to read what was imported: ``JSONCodec(types=[Cart, models.S])``."""
+    names = sorted(
+        cls.__qualname__ if is_from_script(cls, script) else default_name(cls)
+        for cls in types.values()
+    )
+    return f"JSONCodec(types=[{', '.join(names)}])"
 
 
 def _check_encodable(codec: Codec, data: dict[str, Any]) -> None:
@@ -611,24 +705,28 @@ async def import_pickle(
     replace: bool = False,
     paths: Sequence[Path] = (),
     deadline: Deadline,
-) -> dict[str, int]:
+) -> PickleImport:
     """Copy the data of a ``PicklePersistence`` into the database through
     :class:`~ptb_sessions.SQLAlchemyPersistence`'s own ``update_*`` methods, then
     :meth:`~ptb_sessions.SQLAlchemyPersistence.flush`, so the rows are exactly those the
     persistence would write. Creates or upgrades the schema if needed. Reading the file runs
     any code it holds (it is a pickle); the classes of its objects are imported from
-    ``paths``.
+    ``paths``, and those of the bot's ``__main__`` script from that script in ``paths``. With
+    the JSON codec, the objects of classes it supports are stored as registered types.
 
     Returns:
-        How many entries of each kind were copied.
+        How many entries of each kind were copied, and the ``types`` the bot must give its
+        codec to read them.
 
     Raises:
         CLIError: The file is missing or unreadable, a class of its objects cannot be
             imported, a value cannot be encoded, or the database already holds PTB data
             (without ``replace``).
     """
-    data = await _load_pickle(path, paths)
-    codec: Codec = PickleCodec() if codec_name == "pickle" else JSONCodec()
+    pickled = await _load_pickle(path, paths)
+    data = pickled.data
+    types = {} if codec_name == "pickle" else _own_types(data, pickled.script)
+    codec: Codec = PickleCodec() if codec_name == "pickle" else JSONCodec(types=types)
     _check_encodable(codec, data)
     persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
         url, codec=codec, timeout=deadline.seconds
@@ -665,7 +763,7 @@ async def import_pickle(
         with contextlib.suppress(CLIError):
             await deadline(database.dispose(), "Closing the connections")
         raise
-    return counts
+    return PickleImport(counts, _types_argument(types, pickled.script) if types else None)
 
 
 async def _write_pickled(

@@ -75,7 +75,7 @@ from ptb_sessions._cli_common import (
 from ptb_sessions._cli_jobs import add_jobs_parser
 from ptb_sessions._cli_transfer import export_jsonl, import_jsonl, import_pickle
 from ptb_sessions._codec import JSONCodec, PickleCodec
-from ptb_sessions._errors import PTBSessionsError
+from ptb_sessions._errors import PTBSessionsError, StorageError
 from ptb_sessions._rows import decode_record
 from ptb_sessions._schema import StoredRow
 from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES
@@ -522,8 +522,27 @@ async def _show(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
             "nobody else can write this database), --raw prints its base64 text"
         )
         return 0
-    out.print(Pretty(_decoded(record, namespace, key, args), indent_guides=False))
+    try:
+        value = _decoded(record, namespace, key, args)
+    except StorageError as exc:
+        if record.codec != "json" or record.data is None:
+            raise
+        # e.g. a registered type of the bot's that this command does not know: the stored
+        # JSON is readable as it is
+        stderr_console().print(f"not decoded ({literal(str(exc))}); the stored JSON follows")
+        for line in _readable_json(record.data).splitlines():
+            out.print(literal(line))
+        return 0
+    out.print(Pretty(value, indent_guides=False))
     return 0
+
+
+def _readable_json(text: str) -> str:
+    """``text`` indented for reading, if it is JSON; else as it is."""
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        return text
 
 
 def _register_purge(commands: Any) -> None:
@@ -591,7 +610,7 @@ def _register_import_pickle(commands: Any) -> None:
 
 
 async def _import_pickle(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
-    counts = await import_pickle(
+    imported = await import_pickle(
         url,
         args.file,
         codec_name=args.codec,
@@ -602,11 +621,17 @@ async def _import_pickle(url: URL, args: argparse.Namespace, deadline: Deadline)
     table = Table()
     table.add_column("namespace")
     table.add_column("entries", justify="right")
-    for namespace, count in counts.items():
+    for namespace, count in imported.counts.items():
         table.add_row(Text(literal(namespace)), f"{count:,}")
     out = stdout_console()
     out.print(f"imported {args.file} into {mask_url(url)}")
     out.print(table)
+    if imported.codec is not None:
+        out.print(
+            "The rows hold your own classes, stored as registered types: the bot reads them "
+            f"with SQLAlchemyPersistence(..., codec={literal(imported.codec)}) (the classes of "
+            "its ContextTypes are registered without it)"
+        )
     return 0
 
 
