@@ -802,6 +802,47 @@ async def test_a_silent_server_gives_the_job_store_a_storage_error_within_its_ti
         proxy.close()
 
 
+async def test_ptbs_own_timerbot_keeps_its_timers_across_a_restart(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from _bot import OfflineRequest, message_update, process
+    from _ptb_examples import load_example
+
+    def timerbot(request: OfflineRequest) -> App:
+        persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+            url, store_jobs=True
+        )
+        _, app = load_example(
+            "timerbot", lambda: builder(request).persistence(persistence), None, monkeypatch
+        )
+        return app  # type: ignore[no-any-return]
+
+    request = OfflineRequest()
+    app = timerbot(request)
+    async with app:
+        await app.start()
+        await process(app, message_update(5, "/set 30"), message_update(6, "/set 40"))
+        await process(app, message_update(6, "/unset"))
+        await app.stop()
+    assert len(request.texts(5)) == len(request.texts(6)) - 1 == 1
+    (stored_job,) = (await stored(url, 1)).values()
+    assert stored_job["callback"] == "ptb_example_timerbot:alarm" and stored_job["chat_id"] == 5
+
+    await change_rows(url, update(JOBS).values(next_run_at=0.0))  # the 30 s pass while down
+    request = OfflineRequest()
+    restarted = timerbot(request)  # the example's module is loaded again, as at a restart
+    async with restarted:
+        await restarted.start()
+
+        async def beeped() -> bool:
+            return len(request.texts(5)) == 1
+
+        await eventually(beeped, "the restored timer to go off")
+        await restarted.stop()
+    assert "30" in request.texts(5)[0] and request.texts(6) == []
+    assert await rows(url) == {}  # the run_once ran: gone
+
+
 async def test_job_changes_during_an_outage_never_block_and_are_written_when_it_ends(
     db_url: str,
 ) -> None:
