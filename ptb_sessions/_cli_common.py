@@ -5,6 +5,7 @@ database values literally, progress bars and consoles."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sys
 from collections.abc import Awaitable
@@ -39,6 +40,7 @@ __all__ = [
     "Deadline",
     "current_revision",
     "destroyed_by_downgrade",
+    "dispose",
     "has_table",
     "literal",
     "open_database",
@@ -145,6 +147,13 @@ def progress_bar() -> Progress:
         transient=True,
         disable=not console.is_terminal,
     )
+
+
+async def dispose(database: Database, deadline: Deadline) -> None:
+    """Close ``database``'s connections at the end of a command, within ``deadline``; a
+    stalled server is ignored here (the command's own error says so)."""
+    with contextlib.suppress(CLIError):
+        await deadline(database.dispose(), "Closing the connections")
 
 
 def open_database(url: URL, *, create: bool, timeout: float = DEFAULT_TIMEOUT) -> Database:

@@ -16,18 +16,20 @@ import datetime as dtm
 import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
 from sqlalchemy import Table, delete, func, select
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ptb_sessions._cli_common import (
     CLIError,
+    Deadline,
+    dispose,
     has_table,
     open_database,
     require_head,
@@ -128,15 +130,24 @@ def _cell(value: Any) -> Text:
     )
 
 
-async def _list(url: URL) -> int:
-    database = open_database(url, create=False)
+def _read_jobs(connection: Connection) -> list[Any]:
+    return list(connection.execute(select(_TABLE).order_by(_C.next_run_at, _C.id)))
+
+
+def _delete_job(job_id: str) -> Callable[[Connection], int]:
+    def remove(connection: Connection) -> int:
+        return int(connection.execute(delete(_TABLE).where(_C.id == job_id)).rowcount or 0)
+
+    return remove
+
+
+async def _list(url: URL, deadline: Deadline) -> int:
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
-        await require_head(database)
-        async with database.connect("Reading the stored jobs", read_only=True) as connection:
-            result = await connection.execute(select(_TABLE).order_by(_C.next_run_at, _C.id))
-            rows = list(result)
+        await deadline(require_head(database), "Reading the schema revision")
+        rows = await database.run("Reading the stored jobs", _read_jobs, read_only=True)
     finally:
-        await database.dispose()
+        await dispose(database, deadline)
     table = RichTable()
     table.add_column("id", no_wrap=True)
     for column in ("name", "callback", "trigger", "next run", "chat", "user", "enabled"):
@@ -160,15 +171,13 @@ async def _list(url: URL) -> int:
     return 0
 
 
-async def _remove(url: URL, job_id: str) -> int:
-    database = open_database(url, create=False)
+async def _remove(url: URL, job_id: str, deadline: Deadline) -> int:
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
-        await require_head(database)
-        async with database.connect(f"Removing the job {job_id!r}") as connection:
-            result = await connection.execute(delete(_TABLE).where(_C.id == job_id))
-            removed = result.rowcount
+        await deadline(require_head(database), "Reading the schema revision")
+        removed = await database.run(f"Removing the job {job_id!r}", _delete_job(job_id))
     finally:
-        await database.dispose()
+        await dispose(database, deadline)
     if not removed:
         raise CLIError(
             f"there is no stored job with the id {job_id!r} in {database.masked_url} (see "
@@ -178,11 +187,12 @@ async def _remove(url: URL, job_id: str) -> int:
     return 0
 
 
-async def run_jobs(url: URL, args: argparse.Namespace, deadline: Any = None) -> int:
-    """Run ``ptb-sessions jobs`` with the parsed ``args``."""
+async def run_jobs(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
+    """Run ``ptb-sessions jobs`` with the parsed ``args``; every database call within
+    ``deadline``."""
     if args.jobs_command == "remove":
-        return await _remove(url, args.job_id)
-    return await _list(url)
+        return await _remove(url, args.job_id, deadline)
+    return await _list(url, deadline)
 
 
 # -- export and import ----------------------------------------------------------------------

@@ -45,6 +45,7 @@ from ptb_sessions._cli_common import (
     PROG,
     CLIError,
     Deadline,
+    dispose,
     plural,
     progress_bar,
     require_migrated,
@@ -760,8 +761,7 @@ async def import_pickle(
         counts = await _write_pickled(persistence, data, path, deadline)
         await deadline(persistence.flush(), "Writing the rows")
     except BaseException:
-        with contextlib.suppress(CLIError):
-            await deadline(database.dispose(), "Closing the connections")
+        await dispose(database, deadline)
         raise
     return PickleImport(counts, _types_argument(types, pickled.script) if types else None)
 

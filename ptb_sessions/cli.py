@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dtm
 import json
 import logging
@@ -65,6 +64,7 @@ from ptb_sessions._cli_common import (
     Deadline,
     current_revision,
     destroyed_by_downgrade,
+    dispose,
     literal,
     open_database,
     plural,
@@ -277,12 +277,7 @@ async def _db(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         stdout_console().print(f"{database.masked_url} is at head {head}")
         return 0
     finally:
-        await _dispose(database, deadline)
-
-
-async def _dispose(database: Database, deadline: Deadline) -> None:
-    with contextlib.suppress(CLIError):  # a stalled server: the command's own error says so
-        await deadline(database.dispose(), "Closing the connections")
+        await dispose(database, deadline)
 
 
 # -- stats, keys, show, purge-expired -------------------------------------------------------
@@ -305,7 +300,7 @@ async def _stats(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         head = await deadline(require_head(database), "Reading the schema revision")
         rows = await deadline(database.stats(), "Counting the rows")
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     table = Table()
     table.add_column("namespace")
     table.add_column("rows", justify="right")
@@ -409,7 +404,7 @@ async def _keys(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         await deadline(require_head(database), "Reading the schema revision")
         return await _print_keys(database, args.namespace, args.prefix, args.limit, deadline)
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
 
 
 def _register_show(commands: Any) -> None:
@@ -495,7 +490,7 @@ async def _show(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         await _check_namespace(database, namespace, deadline)
         record = await deadline(database.get(namespace, key), f"Reading {namespace}")
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     if record is None:
         raise CLIError(f"{_shown(namespace, key)} is not stored")
     out = stdout_console()
@@ -561,7 +556,7 @@ async def _purge(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         await deadline(require_head(database), "Reading the schema revision")
         count = await deadline(database.purge_expired(), "Deleting the expired rows")
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     stdout_console().print(f"deleted {plural(count, 'expired row')} from {database.masked_url}")
     return 0
 
@@ -657,7 +652,7 @@ async def _export(url: URL, args: argparse.Namespace, deadline: Deadline) -> int
     try:
         written = await export_jsonl(database, args.file, force=args.force, deadline=deadline)
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     # with `export -`, standard output carries only the rows
     console = stderr_console() if args.file == "-" else stdout_console()
     target = "standard output" if args.file == "-" else args.file
@@ -686,7 +681,7 @@ async def _import(url: URL, args: argparse.Namespace, deadline: Deadline) -> int
     try:
         inserted = await import_jsonl(database, args.file, replace=args.replace, deadline=deadline)
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     source = "standard input" if args.file == "-" else args.file
     stdout_console().print(f"imported {inserted} from {source} into {database.masked_url}")
     return 0
@@ -752,7 +747,7 @@ async def _check_demo_database(url: URL, args: argparse.Namespace, deadline: Dea
             if ns != _demo.DEMO_NAMESPACE
         ]
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     if others:
         raise CLIError(
             f"{database.masked_url} holds other data ({', '.join(others)}); the demo "

@@ -1134,7 +1134,11 @@ def test_demo_refuses_a_database_with_other_data(
 
 
 @pytest.mark.parametrize("scheme", ["postgresql", "mysql"])
-@pytest.mark.parametrize("argv", [["stats"], ["db", "upgrade"], ["export", "-"]], ids=str)
+@pytest.mark.parametrize(
+    "argv",
+    [["stats"], ["db", "upgrade"], ["export", "-"], ["jobs"], ["jobs", "remove", "x"]],
+    ids=str,
+)
 def test_a_server_that_never_answers_gives_one_line_within_timeout(
     scheme: str, argv: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
