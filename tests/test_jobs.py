@@ -5,7 +5,9 @@ pauses, removals, references that are never imported, and bad input."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dtm
+import enum
 import io
 import json
 import logging
@@ -25,7 +27,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from telegram.ext import Application, CallbackContext, ContextTypes
 
-from ptb_sessions import SerializationError, SQLAlchemyPersistence, StorageError
+from ptb_sessions import JSONCodec, SerializationError, SQLAlchemyPersistence, StorageError
 from ptb_sessions._schema import StoredJob, StoredRow
 from ptb_sessions.cli import main as cli_main
 
@@ -375,6 +377,42 @@ async def test_a_callback_that_cannot_be_found_by_reference_raises_when_schedule
     assert "job 'bad'" in message and reason in message and "top level of a module" in message
     assert "job 'bad-in-post-init'" in str(errors[0])
     assert await rows(url) == {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reminder:
+    text: str
+    level: Level
+    at: dtm.datetime
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+async def test_job_data_of_registered_types_is_stored_readably_and_restored_exactly(
+    url: str,
+) -> None:
+    def app_with_types() -> App:
+        persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+            url, store_jobs=True, codec=JSONCodec(types={"Reminder": Reminder, "Level": Level})
+        )
+        return builder().persistence(persistence).build()  # type: ignore[no-any-return]
+
+    data = Reminder("pizza", Level.HIGH, dtm.datetime(2026, 12, 1, 20, tzinfo=dtm.timezone.utc))
+    app = await start(app_with_types())
+    assert app.job_queue is not None
+    app.job_queue.run_once(tick, 3600, name="typed", data=data)
+    (row,) = (await stored(url, 1)).values()
+    await stop(app)
+    assert '"Reminder"' in row["data"] and '"pizza"' in row["data"]  # readable in SQL
+
+    again = await start(app_with_types())
+    assert again.job_queue is not None
+    (job,) = again.job_queue.jobs()
+    assert job.data == data and type(job.data.level) is Level
+    await stop(again)
 
 
 async def test_job_data_that_cannot_be_encoded_raises_when_scheduled(url: str) -> None:
