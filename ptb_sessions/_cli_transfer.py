@@ -725,6 +725,13 @@ async def import_pickle(
             (without ``replace``).
     """
     pickled = await _load_pickle(path, paths)
+    if codec_name == "pickle" and pickled.script is not None:
+        raise CLIError(
+            f"the objects of {path} are of classes of the bot's __main__ script, which a "
+            "pickled row could only name by a module the bot does not have; nothing was "
+            "imported (import them with the JSON codec, the default: it stores them as "
+            "registered types)"
+        )
     data = pickled.data
     types = {} if codec_name == "pickle" else _own_types(data, pickled.script)
     codec: Codec = PickleCodec() if codec_name == "pickle" else JSONCodec(types=types)

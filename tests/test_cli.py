@@ -1329,6 +1329,21 @@ def test_import_pickle_stores_the_bot_scripts_classes_as_registered_types(
     assert "__main__" in sys.modules and not hasattr(sys.modules["__main__"], "Choice")
     assert "_ptb_sessions_bot_script" not in sys.modules
 
+    # a pickled row could not name the script's classes as the bot has them
+    code, _, err = cli(
+        capsys,
+        "--url",
+        db_url,
+        "import-pickle",
+        str(path),
+        "--path",
+        str(bot_dir),
+        "--codec",
+        "pickle",
+        "--replace",
+    )
+    assert_one_error_line(code, err, "__main__ script", "nothing was imported", "JSON codec")
+
     # the bot, given those types, reads the rows back equal to the originals
     assert _run_bot(script, "read", db_url).strip() == "same"
 
