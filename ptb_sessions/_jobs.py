@@ -140,7 +140,11 @@ def _claim_runs(
     claims: Sequence[tuple[str, float | None, float | None]], clock: Callable[[], float]
 ) -> Callable[[Connection], _Claims]:
     """The work that claims each ``(job id, stored next run, next run after it)``: the runs
-    won (id -> the next run stored) and lost (id -> what another process stored)."""
+    won (id -> the next run stored) and lost (id -> what another process stored).
+
+    Safe to run again after a dead connection: claims that were not committed changed
+    nothing, and claims whose commit reached the server are then lost to ourselves, so such
+    a run is skipped, never run twice."""
 
     def claim(connection: Connection) -> _Claims:
         won: dict[str, float | None] = {}

@@ -73,7 +73,8 @@ from ptb_sessions._cli_common import (
     stdout_console,
 )
 from ptb_sessions._cli_jobs import add_jobs_parser
-from ptb_sessions._cli_transfer import export_jsonl, import_jsonl, import_pickle
+from ptb_sessions._cli_pickle import import_pickle
+from ptb_sessions._cli_transfer import export_jsonl, import_jsonl
 from ptb_sessions._codec import JSONCodec, PickleCodec
 from ptb_sessions._errors import PTBSessionsError, StorageError
 from ptb_sessions._rows import decode_record
