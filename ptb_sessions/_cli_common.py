@@ -5,11 +5,15 @@ database values literally, progress bars and consoles."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sys
 from collections.abc import Awaitable
 from typing import Final, TextIO, TypeVar, cast
 
+from alembic.script import ScriptDirectory
+from alembic.script.revision import ResolutionError
+from alembic.util import CommandError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -19,12 +23,13 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from sqlalchemy import Table, func, select
-from sqlalchemy.engine import URL
+from sqlalchemy import Table, func, inspect, select
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ptb_sessions import _alembic
-from ptb_sessions._schema import StoredRow
+from ptb_sessions._schema import StoredJob, StoredRow
 from ptb_sessions._store import DEFAULT_TIMEOUT, Database
 from ptb_sessions._url import sqlite_path
 
@@ -34,19 +39,27 @@ __all__ = [
     "CLIError",
     "Deadline",
     "current_revision",
+    "destroyed_by_downgrade",
+    "dispose",
+    "has_table",
     "literal",
     "open_database",
     "plural",
     "progress_bar",
     "require_head",
-    "row_count",
+    "require_migrated",
     "stderr_console",
     "stdout_console",
 ]
 
 _T = TypeVar("_T")
 PROG: Final = "ptb-sessions"
-_TABLE = cast(Table, StoredRow.__table__)
+#: The table each revision creates (and its downgrade drops), and what its rows are called.
+_CREATED_BY: Final = {
+    "0001": (cast(Table, StoredRow.__table__), "stored row"),
+    "0002": (cast(Table, StoredJob.__table__), "stored job"),
+}
+_RELATIVE: Final = re.compile(r"-[0-9]+")
 # C0 and C1 control characters, DEL, and the bidirectional controls that reorder what a
 # terminal shows.
 _UNPRINTABLE: Final = re.compile(
@@ -136,6 +149,13 @@ def progress_bar() -> Progress:
     )
 
 
+async def dispose(database: Database, deadline: Deadline) -> None:
+    """Close ``database``'s connections at the end of a command, within ``deadline``; a
+    stalled server is ignored here (the command's own error says so)."""
+    with contextlib.suppress(CLIError):
+        await deadline(database.dispose(), "Closing the connections")
+
+
 def open_database(url: URL, *, create: bool, timeout: float = DEFAULT_TIMEOUT) -> Database:
     """A :class:`~ptb_sessions._store.Database` on ``url``.
 
@@ -171,16 +191,85 @@ async def current_revision(database: Database) -> str | None:
         raise database.error(exc, "Reading the schema revision") from exc
 
 
-async def row_count(database: Database) -> int:
-    """How many rows the table holds (0 if it does not exist yet)."""
-    if await current_revision(database) is None:
-        return 0
+def _downgraded_revisions(current: str, target: str) -> list[str] | None:
+    """The revisions whose downgrade runs to go from ``current`` down to ``target`` (``base``,
+    a revision, or ``-N``); :obj:`None` if alembic cannot tell."""
+    script = ScriptDirectory.from_config(_alembic.alembic_config())
+    if _RELATIVE.fullmatch(target):
+        steps, revisions = int(target[1:]), []
+        revision: str | None = current
+        while steps and revision is not None:
+            revisions.append(revision)
+            down = script.get_revision(revision).down_revision
+            revision = down if isinstance(down, str) or down is None else None
+            steps -= 1
+        return revisions
+    try:
+        return [step.revision for step in script.iterate_revisions(current, target)]
+    except (CommandError, ResolutionError):
+        return None
+
+
+def _has_table(connection: Connection, name: str) -> bool:
+    return inspect(connection).has_table(name)
+
+
+async def has_table(connection: AsyncConnection, table: Table) -> bool:
+    """Whether the database of ``connection`` holds ``table`` (the schema revisions add
+    tables: the jobs table comes with 0002)."""
+    return await connection.run_sync(_has_table, table.name)
+
+
+async def destroyed_by_downgrade(database: Database, current: str, target: str) -> list[str]:
+    """What ``db downgrade target`` would destroy, e.g. ``["12 stored rows", "2 stored
+    jobs"]`` (only what is there). A target alembic cannot resolve counts everything."""
+    revisions = _downgraded_revisions(current, target)
+    dropped = [
+        (table, noun)
+        for revision, (table, noun) in _CREATED_BY.items()
+        if revisions is None or revision in revisions
+    ]
+    counts: list[str] = []
     try:
         async with database.engine.connect() as connection:
-            result = await connection.execute(select(func.count()).select_from(_TABLE))
-            return int(result.scalar_one())
+            for table, noun in dropped:
+                if not await has_table(connection, table):
+                    continue
+                result = await connection.execute(select(func.count()).select_from(table))
+                if count := int(result.scalar_one()):
+                    counts.append(plural(count, noun))
     except (SQLAlchemyError, OSError) as exc:
         raise database.error(exc, "Counting the rows") from exc
+    return counts
+
+
+async def require_migrated(database: Database) -> str:
+    """Check that ``database`` is migrated to a revision this version knows, without changing
+    it (``export`` reads an older revision too: the backup before an upgrade).
+
+    Returns:
+        The revision the database is at.
+
+    Raises:
+        CLIError: The database is not migrated.
+        ptb_sessions.SchemaError: The database is at a revision newer than this version knows.
+    """
+    current = await current_revision(database)
+    if not _alembic.is_known(current):
+        assert current is not None
+        raise _alembic.newer_revision_error(current, database.masked_url)
+    if current is None:
+        raise _not_at_head(database, current)
+    return current
+
+
+def _not_at_head(database: Database, current: str | None) -> CLIError:
+    state = "is not migrated" if current is None else f"is at schema revision {current}"
+    return CLIError(
+        f"the database {database.masked_url} {state}, but ptb-sessions needs revision "
+        f"{_alembic.head_revision()}: run `{PROG} --url '{database.masked_url}' db upgrade` "
+        "first (this command never changes the schema)"
+    )
 
 
 async def require_head(database: Database) -> str:
@@ -194,16 +283,7 @@ async def require_head(database: Database) -> str:
         CLIError: The database is not migrated, or at another revision.
         ptb_sessions.SchemaError: The database is at a revision newer than this version knows.
     """
-    head = _alembic.head_revision()
-    current = await current_revision(database)
-    if not _alembic.is_known(current):
-        assert current is not None
-        raise _alembic.newer_revision_error(current, database.masked_url)
-    if current != head:
-        state = "is not migrated" if current is None else f"is at schema revision {current}"
-        raise CLIError(
-            f"the database {database.masked_url} {state}, but ptb-sessions needs revision "
-            f"{head}: run `{PROG} --url '{database.masked_url}' db upgrade` first (this "
-            "command never changes the schema)"
-        )
-    return head
+    current = await require_migrated(database)
+    if current != _alembic.head_revision():
+        raise _not_at_head(database, current)
+    return current

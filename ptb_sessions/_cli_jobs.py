@@ -14,29 +14,40 @@ from __future__ import annotations
 import argparse
 import datetime as dtm
 import json
+import math
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Final, cast
 
 from rich.console import Console
 from rich.table import Table as RichTable
 from rich.text import Text
-from sqlalchemy import Table, delete, select
-from sqlalchemy.engine import URL
+from sqlalchemy import Table, delete, func, select
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ptb_sessions._cli_common import CLIError, open_database, require_head, stdout_console
-from ptb_sessions._schema import StoredJob
+from ptb_sessions._cli_common import (
+    CLIError,
+    Deadline,
+    dispose,
+    has_table,
+    open_database,
+    require_head,
+    stdout_console,
+)
+from ptb_sessions._schema import MAX_JOB_ID_LENGTH, StoredJob
 
 __all__ = [
     "COMMAND",
+    "COUNT_JOBS",
+    "JOBS_QUERY",
     "JOB_LINE_KEY",
     "add_jobs_parser",
-    "export_job_lines",
-    "import_job_rows",
+    "has_jobs_table",
+    "insert_jobs",
     "is_job_line",
-    "read_job_lines",
+    "job_line",
+    "parse_job_line",
     "run_jobs",
 ]
 
@@ -119,15 +130,24 @@ def _cell(value: Any) -> Text:
     )
 
 
-async def _list(url: URL) -> int:
-    database = open_database(url, create=False)
+def _read_jobs(connection: Connection) -> list[Any]:
+    return list(connection.execute(select(_TABLE).order_by(_C.next_run_at, _C.id)))
+
+
+def _delete_job(job_id: str) -> Callable[[Connection], int]:
+    def remove(connection: Connection) -> int:
+        return int(connection.execute(delete(_TABLE).where(_C.id == job_id)).rowcount or 0)
+
+    return remove
+
+
+async def _list(url: URL, deadline: Deadline) -> int:
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
-        await require_head(database)
-        async with database.connect("Reading the stored jobs", read_only=True) as connection:
-            result = await connection.execute(select(_TABLE).order_by(_C.next_run_at, _C.id))
-            rows = list(result)
+        await deadline(require_head(database), "Reading the schema revision")
+        rows = await database.run("Reading the stored jobs", _read_jobs, read_only=True)
     finally:
-        await database.dispose()
+        await dispose(database, deadline)
     table = RichTable()
     table.add_column("id", no_wrap=True)
     for column in ("name", "callback", "trigger", "next run", "chat", "user", "enabled"):
@@ -151,15 +171,13 @@ async def _list(url: URL) -> int:
     return 0
 
 
-async def _remove(url: URL, job_id: str) -> int:
-    database = open_database(url, create=False)
+async def _remove(url: URL, job_id: str, deadline: Deadline) -> int:
+    database = open_database(url, create=False, timeout=deadline.seconds)
     try:
-        await require_head(database)
-        async with database.connect(f"Removing the job {job_id!r}") as connection:
-            result = await connection.execute(delete(_TABLE).where(_C.id == job_id))
-            removed = result.rowcount
+        await deadline(require_head(database), "Reading the schema revision")
+        removed = await database.run(f"Removing the job {job_id!r}", _delete_job(job_id))
     finally:
-        await database.dispose()
+        await dispose(database, deadline)
     if not removed:
         raise CLIError(
             f"there is no stored job with the id {job_id!r} in {database.masked_url} (see "
@@ -169,27 +187,39 @@ async def _remove(url: URL, job_id: str) -> int:
     return 0
 
 
-async def run_jobs(url: URL, args: argparse.Namespace, deadline: Any = None) -> int:
-    """Run ``ptb-sessions jobs`` with the parsed ``args``."""
+async def run_jobs(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
+    """Run ``ptb-sessions jobs`` with the parsed ``args``; every database call within
+    ``deadline``."""
     if args.jobs_command == "remove":
-        return await _remove(url, args.job_id)
-    return await _list(url)
+        return await _remove(url, args.job_id, deadline)
+    return await _list(url, deadline)
 
 
 # -- export and import ----------------------------------------------------------------------
+#
+# In an ``export`` file a stored job is one line ``{"job": {<its columns>}}``, after the rows.
 
 
-async def export_job_lines(connection: AsyncConnection) -> AsyncIterator[str]:
-    """The stored jobs as lines of an ``export`` file, ordered by id."""
-    result = await connection.stream(select(_TABLE).order_by(_C.id))
-    async for row in result:
-        values = {name: getattr(row, name) for name in _COLUMNS}
-        values["enabled"] = bool(values["enabled"])
-        for name in ("next_run_at", "updated_at"):
-            if values[name] is not None:
-                values[name] = float(values[name])
-        line = {JOB_LINE_KEY: values}
-        yield json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
+#: The stored jobs, in the order ``export`` writes them.
+JOBS_QUERY: Final = select(*(_C[name] for name in _COLUMNS)).order_by(_C.id)
+#: The statement that counts the stored jobs.
+COUNT_JOBS: Final = select(func.count()).select_from(_TABLE)
+
+
+async def has_jobs_table(connection: AsyncConnection) -> bool:
+    """Whether the database holds the table of the stored jobs (revision 0002 and later)."""
+    return await has_table(connection, _TABLE)
+
+
+def job_line(row: Sequence[Any]) -> str:
+    """The line of an ``export`` file for ``row`` (a result row of :data:`JOBS_QUERY`)."""
+    values = dict(zip(_COLUMNS, row))
+    values["enabled"] = bool(values["enabled"])
+    for name in ("next_run_at", "updated_at"):
+        if values[name] is not None:
+            values[name] = float(values[name])
+    line = {JOB_LINE_KEY: values}
+    return json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
 
 
 def is_job_line(obj: Any) -> bool:
@@ -197,74 +227,61 @@ def is_job_line(obj: Any) -> bool:
     return isinstance(obj, dict) and set(obj) == {JOB_LINE_KEY}
 
 
-def _job_row(obj: Any) -> dict[str, Any]:
+def _json_text(values: dict[str, Any], name: str) -> None:
+    try:
+        json.loads(values[name])
+    except ValueError:
+        raise ValueError(f"the job's {name} must be JSON text") from None
+
+
+def parse_job_line(obj: dict[str, Any]) -> dict[str, Any]:
+    """The column values of the job line ``obj`` (see :func:`is_job_line`).
+
+    Raises:
+        ValueError: ``obj`` is not a stored job; the message says which field is wrong.
+    """
     values = obj[JOB_LINE_KEY]
     if not isinstance(values, dict) or set(values) != set(_COLUMNS):
         raise ValueError(f"a job needs exactly the fields {', '.join(_COLUMNS)}")
     for name in ("id", "callback", "codec", "trigger", "options"):
         if not isinstance(values[name], str):
             raise ValueError(f"the job's {name} must be a string")
+    if not 0 < len(values["id"]) <= MAX_JOB_ID_LENGTH:
+        raise ValueError(f"the job's id must have 1 to {MAX_JOB_ID_LENGTH} characters")
+    for name in ("name", "data"):
+        if values[name] is not None and not isinstance(values[name], str):
+            raise ValueError(f"the job's {name} must be a string or null")
     for name in ("chat_id", "user_id"):
         if values[name] is not None and type(values[name]) is not int:
             raise ValueError(f"the job's {name} must be an integer or null")
     if not isinstance(values["enabled"], bool):
         raise ValueError("the job's enabled must be true or false")
     for name in ("next_run_at", "updated_at"):
-        if values[name] is not None and type(values[name]) not in (int, float):
+        value = values[name]
+        if value is None and name == "next_run_at":
+            continue
+        if type(value) not in (int, float) or not math.isfinite(value):
             raise ValueError(f"the job's {name} must be a number")
-    json.loads(values["trigger"])
-    json.loads(values["options"])
+    _json_text(values, "trigger")
+    _json_text(values, "options")
     return dict(values)
 
 
-def read_job_lines(path: Path) -> list[dict[str, Any]]:
-    """The stored jobs of the ``export`` file ``path``, checked.
-
-    Raises:
-        CLIError: A job line is not valid (naming the line), or a job id is there twice.
-    """
-    jobs: dict[str, tuple[int, dict[str, Any]]] = {}
-    with path.open("rb") as file:
-        for number, raw in enumerate(file, 1):
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue  # reported by the import of the data rows
-            if not is_job_line(obj):
-                continue
-            try:
-                row = _job_row(obj)
-            except (ValueError, TypeError) as exc:
-                raise CLIError(
-                    f"{path}:{number}: not a stored job ({exc}); nothing was imported"
-                ) from None
-            if row["id"] in jobs:
-                raise CLIError(
-                    f"{path}:{number}: the job {row['id']!r} is already on line "
-                    f"{jobs[row['id']][0]}; nothing was imported"
-                )
-            jobs[row["id"]] = (number, row)
-    return [row for _, row in jobs.values()]
-
-
-async def import_job_rows(
-    connection: AsyncConnection, rows: list[dict[str, Any]], *, replace: bool, url: str
-) -> int:
-    """Insert the stored jobs ``rows`` (from :func:`read_job_lines`). Returns their count.
+async def insert_jobs(
+    connection: AsyncConnection, rows: Sequence[dict[str, Any]], *, replace: bool, url: str
+) -> None:
+    """Insert the stored jobs ``rows`` (from :func:`parse_job_line`).
 
     Raises:
         CLIError: A job with one of these ids is already stored, and not ``replace``.
     """
-    for start in range(0, len(rows), 500):
-        chunk = rows[start : start + 500]
-        ids = [row["id"] for row in chunk]
-        taken = (await connection.execute(select(_C.id).where(_C.id.in_(ids)).limit(1))).first()
-        if taken is not None:
-            if not replace:
-                raise CLIError(
-                    f"the job {taken[0]!r} is already in {url}; nothing was imported (pass "
-                    "--replace to overwrite the jobs of the file)"
-                )
-            await connection.execute(delete(_TABLE).where(_C.id.in_(ids)))
-        await connection.execute(_TABLE.insert(), chunk)
-    return len(rows)
+    ids = [row["id"] for row in rows]
+    taken = (await connection.execute(select(_C.id).where(_C.id.in_(ids)).limit(1))).first()
+    if taken is not None:
+        if not replace:
+            raise CLIError(
+                f"the job {taken[0]!r} is already in {url}; nothing was imported (pass "
+                "--replace to overwrite the jobs of the file)"
+            )
+        await connection.execute(delete(_TABLE).where(_C.id.in_(ids)))
+    await connection.execute(_TABLE.insert(), list(rows))

@@ -1,42 +1,58 @@
-"""``ptb-sessions export``, ``import`` and ``import-pickle``: moving rows in and out.
+"""``ptb-sessions export`` and ``import``: a backup of the rows and jobs, and back.
 
 The JSONL format of ``export`` / ``import`` is a lossless backup a user can read and diff: one
-JSON object per row, with the fields of :data:`FIELDS` in that order, sorted by namespace and
-key (by code point, on every backend). ``data`` is the stored text as is (JSON, or base64 for
-pickled rows), so importing it gives identical rows, ``version`` and timestamps included.
+JSON object per line. First the rows, with the fields of :data:`FIELDS` in that order, sorted
+by namespace and key (by code point, on every backend); ``data`` is the stored text as is
+(JSON, or base64 for pickled rows), so importing it gives identical rows, ``version`` and
+timestamps included. Then the stored jobs of ``store_jobs=True``, one line
+``{"job": {<its columns>}}`` each, sorted by id (see :mod:`ptb_sessions._cli_jobs`); a
+database at revision 0001 has no jobs table and exports rows only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import importlib
 import json
 import math
 import os
-import pickle
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO, cast
+from typing import Any, Final, Literal, TextIO, cast
 
 from sqlalchemy import Table, delete, func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection
-from telegram.ext import ExtBot, PicklePersistence
 
-from ptb_sessions._cli_common import PROG, CLIError, Deadline, progress_bar, require_head
-from ptb_sessions._codec import Codec, JSONCodec, PickleCodec
-from ptb_sessions._errors import SerializationError
-from ptb_sessions._rows import encode_value
+from ptb_sessions._cli_common import (
+    CLIError,
+    Deadline,
+    plural,
+    progress_bar,
+    require_migrated,
+)
+from ptb_sessions._cli_jobs import (
+    COUNT_JOBS,
+    JOBS_QUERY,
+    has_jobs_table,
+    insert_jobs,
+    is_job_line,
+    job_line,
+    parse_job_line,
+)
 from ptb_sessions._schema import MAX_NAMESPACE_LENGTH, StoredRow
-from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES, SQLAlchemyPersistence
 from ptb_sessions._store import Database, check_key
 
-__all__ = ["FIELDS", "export_jsonl", "import_jsonl", "import_pickle"]
+__all__ = [
+    "FIELDS",
+    "Transferred",
+    "export_jsonl",
+    "import_jsonl",
+]
 
 #: The fields of one exported row, in the order they are written.
 FIELDS: Final = (
@@ -54,10 +70,19 @@ _C = _TABLE.c
 _CHUNK: Final = 500
 _BATCH: Final = 1000
 _INT32: Final = 1 << 31
-#: The suffixes of the files of a ``PicklePersistence(single_file=False)``.
-PICKLE_SUFFIXES: Final = ("user_data", "chat_data", "bot_data", "callback_data", "conversations")
-#: A token for the bot that unpickling puts where the pickled data held PTB's bot.
-_PLACEHOLDER_TOKEN: Final = "123456:ptb-sessions-import-placeholder"
+
+
+@dataclass(frozen=True, slots=True)
+class Transferred:
+    """How much ``export`` wrote or ``import`` inserted."""
+
+    rows: int
+    jobs: int
+
+    def __str__(self) -> str:
+        if not self.jobs:
+            return plural(self.rows, "row")
+        return f"{plural(self.rows, 'row')} and {plural(self.jobs, 'job')}"
 
 
 # -- export -------------------------------------------------------------------------------
@@ -110,12 +135,27 @@ def _export_target(name: str, *, force: bool) -> tuple[Path | None, Path | None]
     return None, Path(os.path.realpath(path))  # replace the file, keep the symlink
 
 
-async def _write_rows(database: Database, file: TextIO, name: str, deadline: Deadline) -> int:
+async def _batches(
+    connection: AsyncConnection, query: Any, deadline: Deadline, what: str
+) -> AsyncIterator[Sequence[Any]]:
+    """The result rows of ``query``, streamed in batches, each fetch within the deadline."""
+    result = await deadline(connection.stream(query.execution_options(yield_per=_BATCH)), what)
+    while rows := await deadline(result.fetchmany(_BATCH), what):
+        yield rows
+
+
+async def _count(connection: AsyncConnection, query: Any, deadline: Deadline, what: str) -> int:
+    return int((await deadline(connection.execute(query), what)).scalar_one())
+
+
+async def _write_lines(
+    database: Database, file: TextIO, name: str, deadline: Deadline
+) -> Transferred:
     namespace, key = _C.namespace, _C.key
     if database.dialect == "postgresql":  # code point order, whatever the database's collation
         namespace, key = namespace.collate("C"), key.collate("C")  # type: ignore[assignment]
-    query = select(*(_C[field] for field in FIELDS)).order_by(namespace, key)
-    count = 0
+    rows_query = select(*(_C[field] for field in FIELDS)).order_by(namespace, key)
+    written = {"rows": 0, "jobs": 0}
     with progress_bar() as bar:
         try:
             async with contextlib.AsyncExitStack() as stack:
@@ -123,54 +163,53 @@ async def _write_rows(database: Database, file: TextIO, name: str, deadline: Dea
                     stack.enter_async_context(database.engine.connect()), "Connecting"
                 )
                 await connection.execution_options(ptb_sessions_read_only=True)
-                # one snapshot of the whole table
+                # one snapshot of both tables
                 await deadline(stack.enter_async_context(connection.begin()), "Exporting")
-                total = (
-                    await deadline(
-                        connection.execute(select(func.count()).select_from(_TABLE)),
-                        "Counting the rows",
-                    )
-                ).scalar_one()
+                parts: list[tuple[str, Any, Any, Callable[[Sequence[Any]], str]]] = [
+                    ("rows", select(func.count()).select_from(_TABLE), rows_query, _row_line)
+                ]
+                if await deadline(has_jobs_table(connection), "Reading the schema"):
+                    parts.append(("jobs", COUNT_JOBS, JOBS_QUERY, job_line))
+                total = 0
+                for what, count, _, _ in parts:
+                    total += await _count(connection, count, deadline, f"Counting the {what}")
                 task = bar.add_task(f"Exporting to {name}", total=total)
-                result = await deadline(
-                    connection.stream(query.execution_options(yield_per=_BATCH)),
-                    "Exporting the rows",
-                )
-                while rows := await deadline(result.fetchmany(_BATCH), "Exporting the rows"):
-                    for row in rows:
-                        _write(file, _row_line(row), name)
-                    count += len(rows)
-                    bar.advance(task, len(rows))
+                for what, _, query, line_of in parts:
+                    async for batch in _batches(connection, query, deadline, f"Exporting {what}"):
+                        for row in batch:
+                            _write(file, line_of(row), name)
+                        written[what] += len(batch)
+                        bar.advance(task, len(batch))
         except (SQLAlchemyError, OSError) as exc:
             raise database.error(exc, "Exporting the rows") from exc
-    return count
+    return Transferred(written["rows"], written["jobs"])
 
 
 async def export_jsonl(
     database: Database, name: str, *, force: bool = False, deadline: Deadline
-) -> int:
-    """Write every row of ``database`` to the file ``name`` (JSONL, see the module docs; ``-``
-    is standard output). A regular file is written atomically (it appears only once
-    complete) and replaces an existing one only with ``force``; a device or pipe is written
-    through. Returns the number of rows.
+) -> Transferred:
+    """Write every row and stored job of ``database`` to the file ``name`` (JSONL, see the
+    module docs; ``-`` is standard output). A regular file is written atomically (it appears
+    only once complete) and replaces an existing one only with ``force``; a device or pipe is
+    written through. Any migrated revision can be exported (a backup before an upgrade).
 
     Raises:
         CLIError: The database is not migrated, or the file cannot be written.
         ptb_sessions.StorageError: The database failed.
     """
     direct, replaced = _export_target(name, force=force)
-    await deadline(require_head(database), "Reading the schema revision")
+    await deadline(require_migrated(database), "Reading the schema revision")
     if replaced is None:
         if direct is None:
-            count = await _write_rows(database, sys.stdout, name, deadline)
+            written = await _write_lines(database, sys.stdout, name, deadline)
             sys.stdout.flush()
-            return count
+            return written
         try:
             file = direct.open("w", encoding="utf-8", newline="\n")
         except OSError as exc:
             raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
         with file:
-            return await _write_rows(database, file, name, deadline)
+            return await _write_lines(database, file, name, deadline)
     temporary = replaced.with_name(f".{replaced.name}.{os.getpid()}.tmp")
     try:
         try:
@@ -178,14 +217,14 @@ async def export_jsonl(
         except OSError as exc:
             raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
         with file:
-            count = await _write_rows(database, file, name, deadline)
+            written = await _write_lines(database, file, name, deadline)
         try:
             temporary.replace(replaced)
         except OSError as exc:
             raise CLIError(f"cannot write {name}: {exc.strerror or exc}") from exc
     finally:
         temporary.unlink(missing_ok=True)
-    return count
+    return written
 
 
 # -- import -------------------------------------------------------------------------------
@@ -246,11 +285,40 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
 
 
-def _rows(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of each line of ``path`` (called ``name`` in errors).
+@dataclass(frozen=True, slots=True)
+class _Line:
+    """One checked line of an ``export`` file: a row or a stored job, as column values."""
+
+    number: int
+    kind: Literal["row", "job"]
+    values: dict[str, Any]
+
+    @property
+    def identity(self) -> tuple[str, ...]:
+        """What two lines of one file must not share."""
+        if self.kind == "job":
+            return ("job", self.values["id"])
+        return ("row", self.values["namespace"], self.values["key"])
+
+    def describe(self) -> str:
+        if self.kind == "job":
+            return f"the job {self.values['id']!r}"
+        return f"{self.values['namespace']}[{self.values['key']!r}]"
+
+
+def _parsed(obj: Any) -> tuple[Literal["row", "job"], dict[str, Any]]:
+    """What one decoded line holds. Raises :exc:`ValueError` saying what is wrong."""
+    if is_job_line(obj):
+        return "job", parse_job_line(obj)
+    return "row", _validate(obj)
+
+
+def _lines(path: Path, name: str) -> Iterator[_Line]:
+    """Each line of ``path`` (called ``name`` in errors), checked.
 
     Raises:
-        CLIError: A line is not a valid row (a truncated or corrupted file), naming the line.
+        CLIError: A line is not a valid row or job (a truncated or corrupted file), naming
+            the line.
     """
     try:
         with path.open("rb") as file:
@@ -281,31 +349,34 @@ def _rows(path: Path, name: str) -> Iterator[tuple[int, dict[str, Any]]]:
                         f"{where}: not valid JSON ({detail}{column}); {hint}; nothing was imported"
                     ) from None
                 try:
-                    row = _validate(obj)
+                    kind, values = _parsed(obj)
                 except ValueError as exc:
+                    what = "stored job" if is_job_line(obj) else "ptb-sessions row"
                     raise CLIError(
-                        f"{where}: not a ptb-sessions row ({exc}); {hint}; nothing was imported"
+                        f"{where}: not a {what} ({exc}); {hint}; nothing was imported"
                     ) from None
-                yield number, row
+                yield _Line(number, kind, values)
     except OSError as exc:
         raise CLIError(f"cannot read {name}: {exc.strerror or exc}") from exc
 
 
-def _check_file(path: Path, name: str) -> int:
-    """Validate every line of ``path`` before anything is written. Returns the row count."""
+def _check_file(path: Path, name: str) -> Transferred:
+    """Validate every line of ``path`` before anything is written. Returns what it holds."""
     if not path.exists():
         raise CLIError(f"there is no file {name}")
     if path.is_dir():
         raise CLIError(f"cannot read {name}: it is a directory")
-    seen: dict[tuple[str, str], int] = {}
-    for number, row in _rows(path, name):
-        first = seen.setdefault((row["namespace"], row["key"]), number)
-        if first != number:
+    seen: dict[tuple[str, ...], int] = {}
+    jobs = 0
+    for line in _lines(path, name):
+        first = seen.setdefault(line.identity, line.number)
+        if first != line.number:
             raise CLIError(
-                f"{name}:{number}: {row['namespace']}[{row['key']!r}] is already on line "
-                f"{first}; nothing was imported"
+                f"{name}:{line.number}: {line.describe()} is already on line {first}; "
+                "nothing was imported"
             )
-    return len(seen)
+        jobs += line.kind == "job"
+    return Transferred(len(seen) - jobs, jobs)
 
 
 @contextlib.contextmanager
@@ -355,271 +426,45 @@ async def _insert_chunk(
 
 async def import_jsonl(
     database: Database, name: str, *, replace: bool = False, deadline: Deadline
-) -> int:
-    """Insert the rows of the file ``name`` (written by :func:`export_jsonl`; ``-`` is
-    standard input) as they are, in one transaction: first every line is checked, then
-    everything is written or nothing. Creates or upgrades the schema if needed. Returns the
-    number of rows.
+) -> Transferred:
+    """Insert the rows and stored jobs of the file ``name`` (written by :func:`export_jsonl`;
+    ``-`` is standard input) as they are, in one transaction: first every line is checked,
+    then everything is written or nothing. Creates or upgrades the schema if needed.
 
     Raises:
-        CLIError: The file is missing, a line is not a valid row (naming the line), or a row
-            already exists (without ``replace``).
+        CLIError: The file is missing, a line is not a valid row or job (naming the line), or
+            a row or job already exists (without ``replace``).
         ptb_sessions.StorageError: The database failed; nothing was written.
     """
     shown = "<stdin>" if name == "-" else name
+    url = database.masked_url
     with _readable_twice(name) as path:
         total = _check_file(path, shown)
         what = f"Importing {shown}"
         with progress_bar() as bar:
-            task = bar.add_task(what, total=total)
+            task = bar.add_task(what, total=total.rows + total.jobs)
             async with contextlib.AsyncExitStack() as stack:
                 connection = await deadline(
                     stack.enter_async_context(database.connect(what)), what
                 )
-                chunk: list[dict[str, Any]] = []
-                for _, row in _rows(path, shown):
-                    chunk.append(row)
-                    if len(chunk) == _CHUNK:
-                        await deadline(
-                            _insert_chunk(
-                                connection, chunk, replace=replace, url=database.masked_url
-                            ),
-                            what,
-                        )
-                        bar.advance(task, len(chunk))
-                        chunk = []
-                if chunk:
-                    await deadline(
-                        _insert_chunk(connection, chunk, replace=replace, url=database.masked_url),
-                        what,
-                    )
+
+                async def insert(kind: str, chunk: list[dict[str, Any]]) -> None:
+                    if kind == "job":
+                        inserting = insert_jobs(connection, chunk, replace=replace, url=url)
+                    else:
+                        inserting = _insert_chunk(connection, chunk, replace=replace, url=url)
+                    await deadline(inserting, what)
                     bar.advance(task, len(chunk))
+
+                chunks: dict[str, list[dict[str, Any]]] = {"row": [], "job": []}
+                for line in _lines(path, shown):
+                    chunk = chunks[line.kind]
+                    chunk.append(line.values)
+                    if len(chunk) == _CHUNK:
+                        await insert(line.kind, chunk)
+                        chunks[line.kind] = []
+                for kind, chunk in chunks.items():
+                    if chunk:
+                        await insert(kind, chunk)
                 await deadline(stack.aclose(), what)  # the commit
     return total
-
-
-# -- import-pickle --------------------------------------------------------------------------
-
-
-def _pickle_layout(path: Path) -> bool:
-    """Whether ``path`` is a single-file ``PicklePersistence`` (else the prefix of its files).
-
-    Raises:
-        CLIError: Neither ``path`` nor any ``path_<kind>`` file exists.
-    """
-    if path.is_file():
-        return True
-    if any(Path(f"{path}_{suffix}").is_file() for suffix in PICKLE_SUFFIXES):
-        return False
-    raise CLIError(
-        f"there is no PicklePersistence file {path} (single_file=True), nor "
-        f"{path}_user_data, {path}_chat_data, ... (single_file=False)"
-    )
-
-
-def _unpickling_error(path: Path, cause: BaseException | None, paths: Sequence[Path]) -> str:
-    """Why the objects of the pickle file at ``path`` could not be rebuilt, and what to do."""
-    searched = (
-        f"--path {' '.join(str(p) for p in paths)}"
-        if paths
-        else "no --path was given (the current directory is not searched)"
-    )
-    if isinstance(cause, ModuleNotFoundError):
-        return (
-            f"cannot read {path}: its objects need the module {cause.name!r}, which cannot be "
-            f"imported ({searched}); pass --path DIR, the directory of your bot's modules"
-        )
-    if isinstance(cause, AttributeError) and "__main__" in str(cause):
-        return (
-            f"cannot read {path}: its objects are of classes defined in the bot's __main__ "
-            f"script ({cause}), which no other program can import. Move those classes into a "
-            "module of their own that the bot imports (e.g. models.py), run the bot once so "
-            f"PicklePersistence saves the file again, then run `{PROG} import-pickle --path "
-            "DIR` with the directory of that module"
-        )
-    if isinstance(cause, AttributeError | ImportError):
-        return (
-            f"cannot read {path}: its objects need a class that cannot be found ({cause}; "
-            f"{searched}); pass --path DIR, the directory of your bot's modules"
-        )
-    reason = f" ({type(cause).__name__}: {cause})" if cause is not None else ""
-    return f"cannot read {path}: not a PicklePersistence file{reason}"
-
-
-@contextlib.contextmanager
-def _importable_from(paths: Sequence[Path]) -> Iterator[None]:
-    """Let unpickling import modules from ``paths`` (and only from the usual places else)."""
-    added = [str(p.resolve()) for p in paths]
-    for directory in added:
-        if not Path(directory).is_dir():
-            raise CLIError(f"--path {directory}: not a directory")
-    sys.path[:0] = added
-    importlib.invalidate_caches()
-    try:
-        yield
-    finally:
-        for directory in added:
-            sys.path.remove(directory)
-
-
-async def _load_pickle(path: Path, paths: Sequence[Path]) -> dict[str, Any]:
-    """Everything a ``PicklePersistence`` stored at ``path``, read by PTB's own class. This
-    unpickles the file, which runs any code it holds."""
-    single_file = _pickle_layout(path)
-    source: PicklePersistence[Any, Any, Any] = PicklePersistence(path, single_file=single_file)
-    # Pickled data may hold PTB's bot (replaced by a marker when pickled) or objects of the
-    # bot's own modules: a placeholder bot stands in for the first, --path is searched for
-    # the second.
-    source.set_bot(ExtBot(_PLACEHOLDER_TOKEN))
-    try:
-        with _importable_from(paths):
-            data = {
-                "user_data": await source.get_user_data(),
-                "chat_data": await source.get_chat_data(),
-                "bot_data": await source.get_bot_data(),
-                "callback_data": await source.get_callback_data(),
-            }
-            if not single_file:  # a single file holds them (None if never loaded)
-                await source.get_conversations("")
-    except TypeError as exc:  # how PicklePersistence reports unreadable files
-        cause = exc.__cause__
-        if cause is None or isinstance(cause, pickle.UnpicklingError | EOFError):
-            reason = f"{exc} ({type(cause).__name__}: {cause})" if cause is not None else str(exc)
-            raise CLIError(f"cannot read {path}: {reason}") from exc
-        raise CLIError(_unpickling_error(path, cause, paths)) from exc
-    conversations = {
-        name: {key: state for key, state in states.items() if state is not None}
-        for name, states in (source.conversations or {}).items()
-    }
-    data["conversations"] = {name: states for name, states in conversations.items() if states}
-    callback_data = data["callback_data"]
-    if not (isinstance(callback_data, tuple | list) and len(callback_data) == 2):
-        data["callback_data"] = None  # old files hold {} when there is none
-    return data
-
-
-def _check_encodable(codec: Codec, data: dict[str, Any]) -> None:
-    """Encode every value before writing any, so an unencodable one stops the import whole."""
-
-    def values() -> Iterator[tuple[str, Any]]:
-        for kind in ("user_data", "chat_data"):
-            for item_id, value in data[kind].items():
-                yield f"{kind}[{item_id}]", value
-        if data["bot_data"]:
-            yield "bot_data", data["bot_data"]
-        if data["callback_data"] is not None:
-            yield "callback_data", data["callback_data"]
-        for name, states in data["conversations"].items():
-            for key, state in states.items():
-                yield f"conversation:{name}[{list(key)}]", state
-
-    for root, value in values():
-        try:
-            encode_value(codec, value, root, None)
-        except SerializationError as exc:
-            hint = (
-                " (pass --codec pickle to store arbitrary objects)" if codec.name == "json" else ""
-            )
-            raise CLIError(f"{exc}; nothing was imported{hint}") from None
-
-
-async def import_pickle(
-    url: Any,
-    path: Path,
-    *,
-    codec_name: str = "json",
-    replace: bool = False,
-    paths: Sequence[Path] = (),
-    deadline: Deadline,
-) -> dict[str, int]:
-    """Copy the data of a ``PicklePersistence`` into the database through
-    :class:`~ptb_sessions.SQLAlchemyPersistence`'s own ``update_*`` methods, then
-    :meth:`~ptb_sessions.SQLAlchemyPersistence.flush`, so the rows are exactly those the
-    persistence would write. Creates or upgrades the schema if needed. Reading the file runs
-    any code it holds (it is a pickle); the classes of its objects are imported from
-    ``paths``.
-
-    Returns:
-        How many entries of each kind were copied.
-
-    Raises:
-        CLIError: The file is missing or unreadable, a class of its objects cannot be
-            imported, a value cannot be encoded, or the database already holds PTB data
-            (without ``replace``).
-    """
-    data = await _load_pickle(path, paths)
-    codec: Codec = PickleCodec() if codec_name == "pickle" else JSONCodec()
-    _check_encodable(codec, data)
-    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
-        url, codec=codec, timeout=deadline.seconds
-    )
-    database = persistence.database
-    try:
-        if not replace:
-            await deadline(database.ensure_schema(), "Checking the schema")
-            taken = [
-                f"{namespace} ({rows} rows)"
-                for namespace, rows, _, _ in await deadline(database.stats(), "Counting rows")
-                if namespace in BUILTIN_NAMESPACES or namespace.startswith("conversation:")
-            ]
-            if taken:
-                raise CLIError(
-                    f"the database {database.masked_url} already holds PTB data: "
-                    f"{', '.join(taken)}; nothing was imported (pass --replace to replace "
-                    "the entries of the pickle file and keep the others)"
-                )
-        # Load what is stored, as Application.initialize does, so replaced rows are written
-        # with their current versions.
-        loads: list[Awaitable[Any]] = [
-            persistence.get_user_data(),
-            persistence.get_chat_data(),
-            persistence.get_bot_data(),
-            persistence.get_callback_data(),
-        ]
-        loads.extend(persistence.get_conversations(name) for name in data["conversations"])
-        for load in loads:
-            await deadline(load, "Reading the stored data")
-        counts = await _write_pickled(persistence, data, path, deadline)
-        await deadline(persistence.flush(), "Writing the rows")
-    except BaseException:
-        with contextlib.suppress(CLIError):
-            await deadline(database.dispose(), "Closing the connections")
-        raise
-    return counts
-
-
-async def _write_pickled(
-    persistence: SQLAlchemyPersistence[Any, Any, Any],
-    data: dict[str, Any],
-    path: Path,
-    deadline: Deadline,
-) -> dict[str, int]:
-    calls: list[Any] = []
-    counts = {"user_data": 0, "chat_data": 0, "bot_data": 0, "callback_data": 0}
-    for user_id, value in data["user_data"].items():
-        calls.append((persistence.update_user_data, (user_id, value)))
-    counts["user_data"] = len(data["user_data"])
-    for chat_id, value in data["chat_data"].items():
-        calls.append((persistence.update_chat_data, (chat_id, value)))
-    counts["chat_data"] = len(data["chat_data"])
-    if data["bot_data"]:
-        calls.append((persistence.update_bot_data, (data["bot_data"],)))
-        counts["bot_data"] = 1
-    if data["callback_data"] is not None:
-        calls.append((persistence.update_callback_data, (data["callback_data"],)))
-        counts["callback_data"] = 1
-    for name, states in data["conversations"].items():
-        for key, state in states.items():
-            calls.append((persistence.update_conversation, (name, key, state)))
-        counts[f"conversation:{name}"] = len(states)
-    with progress_bar() as bar:
-        task = bar.add_task(f"Importing {path.name}", total=len(calls))
-        for start in range(0, len(calls), _CHUNK):
-            chunk = calls[start : start + _CHUNK]
-            # started in one loop iteration, like Application.update_persistence does: the
-            # persistence writes each chunk in one transaction
-            await deadline(
-                asyncio.gather(*(method(*args) for method, args in chunk)), "Writing the rows"
-            )
-            bar.advance(task, len(chunk))
-    return counts

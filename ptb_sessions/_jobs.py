@@ -29,6 +29,7 @@ from typing import Any, Final, cast
 from apscheduler.job import Job as APSJob  # type: ignore[import-untyped,unused-ignore]
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError  # type: ignore[import-untyped,unused-ignore]
 from sqlalchemy import Table, delete, insert, select, update
+from sqlalchemy.engine import Connection
 from telegram.ext import Application, Job, JobQueue
 
 from ptb_sessions._codec import Codec
@@ -74,15 +75,88 @@ def _row_of(record: Any) -> JobRow:
     return JobRow(**{name: getattr(record, name) for name in JobRow.__slots__})
 
 
+class _Gone:
+    """The stored row of a job no longer exists."""
+
+    __slots__ = ()
+
+
+_GONE: Final = _Gone()
+
+
+def _read_rows(connection: Connection) -> list[JobRow]:
+    result = connection.execute(select(_TABLE).order_by(_C.next_run_at))
+    return [_row_of(record) for record in result]
+
+
 async def load_job_rows(database: Database) -> list[JobRow]:
     """Every stored job row.
 
     Raises:
-        StorageError: The database cannot be read.
+        StorageError: The database cannot be read, or gave no answer within its timeout.
     """
-    async with database.connect("Loading the stored jobs", read_only=True) as connection:
-        result = await connection.execute(select(_TABLE).order_by(_C.next_run_at))
-        return [_row_of(record) for record in result]
+    return await database.run("Loading the stored jobs", _read_rows, read_only=True)
+
+
+def _replace_rows(ids: Sequence[str], rows: Sequence[JobRow]) -> Callable[[Connection], None]:
+    """The work that deletes the jobs ``ids`` and inserts ``rows`` (safe to run twice)."""
+
+    def replace(connection: Connection) -> None:
+        # In chunks, each built just before it is sent: with an asyncio driver the event loop
+        # runs between them, however many jobs were scheduled at once.
+        for chunk in _chunks(ids):
+            connection.execute(delete(_TABLE).where(_C.id.in_(chunk)))
+        for rows_chunk in _chunks(rows):
+            connection.execute(insert(_TABLE), [row.values() for row in rows_chunk])
+
+    return replace
+
+
+def _claimed(
+    connection: Connection, job_id: str, before: float | None, after: float | None, now: float
+) -> bool:
+    """Claim the due run of ``job_id``: move its stored next run time from ``before`` to
+    ``after`` (delete the job for a last run). Whether this process won it."""
+    claimed = _C.id == job_id
+    claimed &= _C.next_run_at.is_(None) if before is None else _C.next_run_at == before
+    if after is None:  # the last run: the job ends with it
+        result = connection.execute(delete(_TABLE).where(claimed))
+    else:
+        result = connection.execute(
+            update(_TABLE).where(claimed).values(next_run_at=after, updated_at=now)
+        )
+    return bool(result.rowcount == 1)
+
+
+def _stored_next_run(connection: Connection, job_id: str) -> float | _Gone | None:
+    found = connection.execute(select(_C.next_run_at).where(_C.id == job_id)).first()
+    return _GONE if found is None else cast("float | None", found[0])
+
+
+_Claims = tuple[dict[str, float | None], dict[str, float | _Gone | None]]
+
+
+def _claim_runs(
+    claims: Sequence[tuple[str, float | None, float | None]], clock: Callable[[], float]
+) -> Callable[[Connection], _Claims]:
+    """The work that claims each ``(job id, stored next run, next run after it)``: the runs
+    won (id -> the next run stored) and lost (id -> what another process stored).
+
+    Safe to run again after a dead connection: claims that were not committed changed
+    nothing, and claims whose commit reached the server are then lost to ourselves, so such
+    a run is skipped, never run twice."""
+
+    def claim(connection: Connection) -> _Claims:
+        won: dict[str, float | None] = {}
+        lost: dict[str, float | _Gone | None] = {}
+        for job_id, before, after in claims:
+            if _claimed(connection, job_id, before, after, clock()):
+                won[job_id] = after
+            else:
+                lost[job_id] = _stored_next_run(connection, job_id)
+        return won, lost
+
+    return claim
 
 
 def _next_fire_after(job: APSJob, now: dtm.datetime) -> dtm.datetime | None:
@@ -485,13 +559,7 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         ids = list(batch)
         rows = [row for row in batch.values() if row is not None]
         try:
-            async with self.database.connect(f"Writing {len(batch)} job changes") as connection:
-                # In chunks, each built just before it is sent: the event loop runs between
-                # them, however many jobs were scheduled at once.
-                for chunk in _chunks(ids):
-                    await connection.execute(delete(_TABLE).where(_C.id.in_(chunk)))
-                for chunk in _chunks(rows):
-                    await connection.execute(insert(_TABLE), [row.values() for row in chunk])
+            await self.database.run(f"Writing {len(batch)} job changes", _replace_rows(ids, rows))
         except StorageError as exc:
             for job_id, row in batch.items():  # kept; newer changes win
                 self._pending.setdefault(job_id, row)
@@ -539,15 +607,13 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
             )
             for job in due
         ]
-        won: dict[str, float | None] = {}
-        lost: dict[str, float | _Gone | None] = {}
         try:
-            async with self.database.connect(f"Claiming {len(due)} due job runs") as connection:
-                for job, _, before, after in claims:
-                    if await self._claim(connection, job.id, before, after):
-                        won[job.id] = after
-                    else:
-                        lost[job.id] = await self._stored_next_run(connection, job.id)
+            won, lost = await self.database.run(
+                f"Claiming {len(due)} due job runs",
+                _claim_runs(
+                    [(job.id, before, after) for job, _, before, after in claims], self.clock
+                ),
+            )
         except StorageError as exc:
             _LOGGER.error("Due jobs are not run until they can be claimed: %s", exc)
             self._retry_at = time.monotonic() + _RETRY_AFTER
@@ -566,25 +632,6 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         if won:
             self._scheduler.wakeup()
         self._wake.set()
-
-    async def _claim(
-        self, connection: Any, job_id: str, before: float | None, after: float | None
-    ) -> bool:
-        claimed = _C.id == job_id
-        claimed &= _C.next_run_at.is_(None) if before is None else _C.next_run_at == before
-        if after is None:  # the last run: the job ends with it
-            result = await connection.execute(delete(_TABLE).where(claimed))
-        else:
-            result = await connection.execute(
-                update(_TABLE).where(claimed).values(next_run_at=after, updated_at=self.clock())
-            )
-        return bool(result.rowcount == 1)
-
-    @staticmethod
-    async def _stored_next_run(connection: Any, job_id: str) -> float | _Gone | None:
-        result = await connection.execute(select(_C.next_run_at).where(_C.id == job_id))
-        found = result.first()
-        return _GONE if found is None else cast("float | None", found[0])
 
     def _take_over(self, job_id: str, stored: float | _Gone | None) -> None:
         """Another process ran (or removed, or changed) this job: take its state over."""
@@ -665,13 +712,6 @@ class _RestoreCache:
         return self._options[text]
 
 
-class _Gone:
-    """The stored row of a job no longer exists."""
-
-    __slots__ = ()
-
-
-_GONE: Final = _Gone()
 _UNCLAIMED: Any = object()
 
 

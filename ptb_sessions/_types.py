@@ -15,7 +15,7 @@ import sys
 import typing
 import uuid
 from collections import Counter, OrderedDict, defaultdict, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any, Final
 
@@ -30,6 +30,7 @@ __all__ = [
     "TypeRegistry",
     "default_name",
     "is_registrable",
+    "registrable_classes",
 ]
 
 #: What :class:`TypeError` messages list as the kinds of classes that can be registered.
@@ -293,3 +294,38 @@ def _telegram_types() -> dict[str, type[TelegramObject]]:
 
 #: python-telegram-bot's own objects, by the name they are stored under (``telegram.Message``).
 TELEGRAM_TYPES: Final = _telegram_types()
+
+
+def _parts(value: Any) -> Iterator[Any]:
+    """The values ``value`` holds, as the codec would store them."""
+    if isinstance(value, dict):
+        yield from value.keys()
+        yield from value.values()
+        if isinstance(value, defaultdict) and isinstance(value.default_factory, type):
+            yield value.default_factory  # a class: checked as one
+    elif isinstance(value, list | tuple | set | frozenset | deque):
+        yield from value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        yield from (getattr(value, field.name) for field in dataclasses.fields(value))
+    elif not isinstance(value, type | enum.Enum):
+        yield from getattr(value, "__dict__", {}).values()
+
+
+def registrable_classes(value: Any) -> list[type]:
+    """The classes of the objects in ``value`` (nested in containers and in registrable
+    objects, and ``defaultdict`` factories) that :class:`TypeRegistry` could register, in the
+    order they are first met. What the codec stores without registration is not listed."""
+    found: dict[type, None] = {}
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, TelegramObject):
+            continue
+        seen.add(id(item))
+        cls = item if isinstance(item, type) else type(item)
+        if is_registrable(cls):
+            found.setdefault(cls)
+        if not isinstance(item, type):
+            stack.extend(reversed(list(_parts(item))))
+    return list(found)

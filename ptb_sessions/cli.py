@@ -22,8 +22,9 @@ SQLite file ``ptb_sessions.sqlite3`` in the current directory. Plain sync URLs
 Only ``db upgrade`` / ``db downgrade``, ``import``, ``import-pickle`` and ``demo`` create or
 change the schema. The read commands (``db current``, ``db check``, ``stats``, ``keys``,
 ``show``, ``export``) never do, never write and never unpickle: on a database that is not at
-the newest revision they stop with an error naming the ``db upgrade`` command to run, and they
-never create a missing SQLite file.
+the newest revision they stop with an error naming the ``db upgrade`` command to run (``export``
+also reads an older revision, so a backup can come before the upgrade), and they never create
+a missing SQLite file.
 
 Every mistake or failure (a bad URL, an unreachable server, an unknown namespace, a missing
 file, a database that is not migrated) is one line on stderr, ``ptb-sessions: error: ...``
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dtm
 import json
 import logging
@@ -63,18 +63,20 @@ from ptb_sessions._cli_common import (
     CLIError,
     Deadline,
     current_revision,
+    destroyed_by_downgrade,
+    dispose,
     literal,
     open_database,
     plural,
     require_head,
-    row_count,
     stderr_console,
     stdout_console,
 )
 from ptb_sessions._cli_jobs import add_jobs_parser
-from ptb_sessions._cli_transfer import export_jsonl, import_jsonl, import_pickle
+from ptb_sessions._cli_pickle import import_pickle
+from ptb_sessions._cli_transfer import export_jsonl, import_jsonl
 from ptb_sessions._codec import JSONCodec, PickleCodec
-from ptb_sessions._errors import PTBSessionsError
+from ptb_sessions._errors import PTBSessionsError, StorageError
 from ptb_sessions._rows import decode_record
 from ptb_sessions._schema import StoredRow
 from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES
@@ -219,11 +221,13 @@ async def _migrate(database: Database, args: argparse.Namespace, deadline: Deadl
     if not _alembic.is_known(current):
         assert current is not None
         raise _alembic.newer_revision_error(current, database.masked_url)
-    if action == "downgrade" and not args.yes:
-        rows = await deadline(row_count(database), "Counting the rows")
-        if rows:
+    if action == "downgrade" and not args.yes and current is not None:
+        destroyed = await deadline(
+            destroyed_by_downgrade(database, current, args.revision), "Counting the rows"
+        )
+        if destroyed:
             raise CLIError(
-                f"db downgrade {args.revision} would destroy {plural(rows, 'stored row')} of "
+                f"db downgrade {args.revision} would destroy {' and '.join(destroyed)} of "
                 f"{database.masked_url}; nothing was changed (back them up with `{PROG} --url "
                 f"'{database.masked_url}' export FILE.jsonl`, then pass --yes)"
             )
@@ -274,12 +278,7 @@ async def _db(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         stdout_console().print(f"{database.masked_url} is at head {head}")
         return 0
     finally:
-        await _dispose(database, deadline)
-
-
-async def _dispose(database: Database, deadline: Deadline) -> None:
-    with contextlib.suppress(CLIError):  # a stalled server: the command's own error says so
-        await deadline(database.dispose(), "Closing the connections")
+        await dispose(database, deadline)
 
 
 # -- stats, keys, show, purge-expired -------------------------------------------------------
@@ -302,7 +301,7 @@ async def _stats(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         head = await deadline(require_head(database), "Reading the schema revision")
         rows = await deadline(database.stats(), "Counting the rows")
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     table = Table()
     table.add_column("namespace")
     table.add_column("rows", justify="right")
@@ -406,7 +405,7 @@ async def _keys(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         await deadline(require_head(database), "Reading the schema revision")
         return await _print_keys(database, args.namespace, args.prefix, args.limit, deadline)
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
 
 
 def _register_show(commands: Any) -> None:
@@ -492,7 +491,7 @@ async def _show(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         await _check_namespace(database, namespace, deadline)
         record = await deadline(database.get(namespace, key), f"Reading {namespace}")
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     if record is None:
         raise CLIError(f"{_shown(namespace, key)} is not stored")
     out = stdout_console()
@@ -519,8 +518,27 @@ async def _show(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
             "nobody else can write this database), --raw prints its base64 text"
         )
         return 0
-    out.print(Pretty(_decoded(record, namespace, key, args), indent_guides=False))
+    try:
+        value = _decoded(record, namespace, key, args)
+    except StorageError as exc:
+        if record.codec != "json" or record.data is None:
+            raise
+        # e.g. a registered type of the bot's that this command does not know: the stored
+        # JSON is readable as it is
+        stderr_console().print(f"not decoded ({literal(str(exc))}); the stored JSON follows")
+        for line in _readable_json(record.data).splitlines():
+            out.print(literal(line))
+        return 0
+    out.print(Pretty(value, indent_guides=False))
     return 0
+
+
+def _readable_json(text: str) -> str:
+    """``text`` indented for reading, if it is JSON; else as it is."""
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        return text
 
 
 def _register_purge(commands: Any) -> None:
@@ -539,7 +557,7 @@ async def _purge(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         await deadline(require_head(database), "Reading the schema revision")
         count = await deadline(database.purge_expired(), "Deleting the expired rows")
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     stdout_console().print(f"deleted {plural(count, 'expired row')} from {database.masked_url}")
     return 0
 
@@ -588,7 +606,7 @@ def _register_import_pickle(commands: Any) -> None:
 
 
 async def _import_pickle(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
-    counts = await import_pickle(
+    imported = await import_pickle(
         url,
         args.file,
         codec_name=args.codec,
@@ -599,11 +617,17 @@ async def _import_pickle(url: URL, args: argparse.Namespace, deadline: Deadline)
     table = Table()
     table.add_column("namespace")
     table.add_column("entries", justify="right")
-    for namespace, count in counts.items():
+    for namespace, count in imported.counts.items():
         table.add_row(Text(literal(namespace)), f"{count:,}")
     out = stdout_console()
     out.print(f"imported {args.file} into {mask_url(url)}")
     out.print(table)
+    if imported.codec is not None:
+        out.print(
+            "The rows hold your own classes, stored as registered types: the bot reads them "
+            f"with SQLAlchemyPersistence(..., codec={literal(imported.codec)}) (the classes of "
+            "its ContextTypes are registered without it)"
+        )
     return 0
 
 
@@ -612,9 +636,10 @@ def _register_export(commands: Any) -> None:
         commands,
         "export",
         "write every row to a JSONL file (a backup)",
-        "Write every row to FILE.jsonl, one JSON object a line (a lossless backup that import "
-        "restores). '-' writes to standard output. An existing regular file is replaced only "
-        "with --force; a symlink, device or pipe is written through.",
+        "Write every row, then every stored job, to FILE.jsonl, one JSON object a line (a "
+        "lossless backup that import restores). '-' writes to standard output. An existing "
+        "regular file is replaced only with --force; a symlink, device or pipe is written "
+        "through. A database at an older revision is exported too (a backup before db upgrade).",
     )
     parser.add_argument("file", metavar="FILE.jsonl")
     parser.add_argument(
@@ -626,13 +651,13 @@ def _register_export(commands: Any) -> None:
 async def _export(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
     database = open_database(url, create=False, timeout=deadline.seconds)
     try:
-        count = await export_jsonl(database, args.file, force=args.force, deadline=deadline)
+        written = await export_jsonl(database, args.file, force=args.force, deadline=deadline)
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     # with `export -`, standard output carries only the rows
     console = stderr_console() if args.file == "-" else stdout_console()
     target = "standard output" if args.file == "-" else args.file
-    console.print(f"exported {plural(count, 'row')} from {database.masked_url} to {target}")
+    console.print(f"exported {written} from {database.masked_url} to {target}")
     return 0
 
 
@@ -641,24 +666,25 @@ def _register_import(commands: Any) -> None:
         commands,
         "import",
         "insert the rows of an exported JSONL file",
-        "Insert the rows of a file written by export ('-': standard input), as they are, in "
-        "one transaction: every line is checked first, then everything is written or nothing.",
+        "Insert the rows and jobs of a file written by export ('-': standard input), as they "
+        "are, in one transaction: every line is checked first, then everything is written or "
+        "nothing. Existing rows or jobs are overwritten only with --replace.",
     )
     parser.add_argument("file", metavar="FILE.jsonl")
-    parser.add_argument("--replace", action="store_true", help="overwrite rows that already exist")
+    parser.add_argument(
+        "--replace", action="store_true", help="overwrite rows and jobs that already exist"
+    )
     parser.set_defaults(run=_import)
 
 
 async def _import(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
     database = open_database(url, create=True, timeout=deadline.seconds)
     try:
-        count = await import_jsonl(database, args.file, replace=args.replace, deadline=deadline)
+        inserted = await import_jsonl(database, args.file, replace=args.replace, deadline=deadline)
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     source = "standard input" if args.file == "-" else args.file
-    stdout_console().print(
-        f"imported {plural(count, 'row')} from {source} into {database.masked_url}"
-    )
+    stdout_console().print(f"imported {inserted} from {source} into {database.masked_url}")
     return 0
 
 
@@ -722,7 +748,7 @@ async def _check_demo_database(url: URL, args: argparse.Namespace, deadline: Dea
             if ns != _demo.DEMO_NAMESPACE
         ]
     finally:
-        await _dispose(database, deadline)
+        await dispose(database, deadline)
     if others:
         raise CLIError(
             f"{database.masked_url} holds other data ({', '.join(others)}); the demo "

@@ -5,7 +5,10 @@ pauses, removals, references that are never imported, and bad input."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dtm
+import enum
+import io
 import json
 import logging
 import socket
@@ -24,8 +27,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from telegram.ext import Application, CallbackContext, ContextTypes
 
-from ptb_sessions import SerializationError, SQLAlchemyPersistence, StorageError
-from ptb_sessions._schema import StoredJob
+from ptb_sessions import JSONCodec, SerializationError, SQLAlchemyPersistence, StorageError
+from ptb_sessions._schema import StoredJob, StoredRow
 from ptb_sessions.cli import main as cli_main
 
 JOBS: Table = StoredJob.__table__  # type: ignore[assignment]
@@ -376,6 +379,42 @@ async def test_a_callback_that_cannot_be_found_by_reference_raises_when_schedule
     assert await rows(url) == {}
 
 
+@dataclasses.dataclass(frozen=True)
+class Reminder:
+    text: str
+    level: Level
+    at: dtm.datetime
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+async def test_job_data_of_registered_types_is_stored_readably_and_restored_exactly(
+    url: str,
+) -> None:
+    def app_with_types() -> App:
+        persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+            url, store_jobs=True, codec=JSONCodec(types={"Reminder": Reminder, "Level": Level})
+        )
+        return builder().persistence(persistence).build()  # type: ignore[no-any-return]
+
+    data = Reminder("pizza", Level.HIGH, dtm.datetime(2026, 12, 1, 20, tzinfo=dtm.timezone.utc))
+    app = await start(app_with_types())
+    assert app.job_queue is not None
+    app.job_queue.run_once(tick, 3600, name="typed", data=data)
+    (row,) = (await stored(url, 1)).values()
+    await stop(app)
+    assert '"Reminder"' in row["data"] and '"pizza"' in row["data"]  # readable in SQL
+
+    again = await start(app_with_types())
+    assert again.job_queue is not None
+    (job,) = again.job_queue.jobs()
+    assert job.data == data and type(job.data.level) is Level
+    await stop(again)
+
+
 async def test_job_data_that_cannot_be_encoded_raises_when_scheduled(url: str) -> None:
     app = await start(make_app(url))
     assert app.job_queue is not None
@@ -593,11 +632,6 @@ async def test_the_command_line_lists_every_stored_job(
     assert "paused" in out and "3 stored jobs" in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export/import of jobs was lost when the reworked command line was merged "
-    "(standard input and output, --force); a follow-up puts the job lines back",
-)
 async def test_export_and_import_include_the_stored_jobs(
     url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -630,6 +664,221 @@ async def test_export_and_import_include_the_stored_jobs(
     assert await rows(url) == before
     assert await asyncio.to_thread(cli_main, ["--url", url, "import", str(backup)]) == 1
     assert "already in" in capsys.readouterr().err
+
+
+async def _jobs_and_a_chat(url: str) -> dict[str, dict[str, Any]]:
+    """Two stored jobs (one paused) and one chat_data row, written; the stored jobs."""
+    app = await start(make_app(url))
+    assert app.job_queue is not None
+    app.job_queue.run_repeating(tick, 90, name="every-90", data={"é": [1]}, chat_id=-5)
+    app.job_queue.run_once(tick, 3600, name="paused").enabled = False
+    await app.persistence.update_chat_data(1, {"n": 1})  # type: ignore[union-attr]
+
+    async def written() -> bool:
+        found = await rows(url)
+        return len(found) == 2 and not any(
+            row["enabled"] for row in found.values() if row["name"] == "paused"
+        )
+
+    await eventually(written, "the jobs and the pause to be written")
+    await stop(app)
+    return await rows(url)
+
+
+async def test_export_and_import_through_standard_output_and_input_carry_the_jobs(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = await _jobs_and_a_chat(url)
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, ["--url", url, "export", "-"]) == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]  # standard output: lines only
+    jobs = [line["job"] for line in lines if "job" in line]
+    assert sorted(job["id"] for job in jobs) == sorted(before)
+    assert lines[-len(jobs) :] == [{"job": job} for job in jobs]  # after the rows
+    assert "and 2 jobs" in err and "standard output" in err
+
+    assert (
+        await asyncio.to_thread(cli_main, ["--url", url, "db", "downgrade", "base", "--yes"]) == 0
+    )
+    stdin = io.TextIOWrapper(io.BytesIO(out.encode("utf-8")), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    assert await asyncio.to_thread(cli_main, ["--url", url, "import", "-"]) == 0
+    assert "2 jobs from standard input" in capsys.readouterr().out
+    assert await rows(url) == before
+
+
+async def test_import_never_overwrites_a_stored_job_without_replace(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = await _jobs_and_a_chat(url)
+    backup = tmp_path / "backup.jsonl"
+    assert await asyncio.to_thread(cli_main, ["--url", url, "export", str(backup)]) == 0
+    await change_rows(url, delete(StoredRow.__table__))  # no session row collides
+    await change_rows(url, update(JOBS).values(name="changed since"))
+    changed = await rows(url)
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, ["--url", url, "import", str(backup)]) == 1
+    err = capsys.readouterr().err
+    assert "the job" in err and "is already in" in err and "--replace" in err
+    assert await rows(url) == changed  # the stored jobs are untouched
+    assert (
+        await asyncio.to_thread(cli_main, ["--url", url, "import", "--replace", str(backup)]) == 0
+    )
+    assert await rows(url) == before
+
+
+async def test_a_bad_job_line_is_named_and_nothing_is_imported(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _jobs_and_a_chat(url)
+    backup = tmp_path / "backup.jsonl"
+    assert await asyncio.to_thread(cli_main, ["--url", url, "export", str(backup)]) == 0
+    lines = backup.read_text(encoding="utf-8").splitlines(keepends=True)
+    assert (
+        await asyncio.to_thread(cli_main, ["--url", url, "db", "downgrade", "base", "--yes"]) == 0
+    )
+    for bad, fragment in [
+        (lambda job: job.update(chat_id="-5"), "chat_id must be an integer or null"),
+        (lambda job: job.pop("trigger"), "a job needs exactly the fields"),
+        (lambda job: job.update(options="{"), "options must be JSON text"),
+    ]:
+        job_line = json.loads(lines[-1])
+        bad(job_line["job"])
+        corrupted = tmp_path / "corrupted.jsonl"
+        corrupted.write_text("".join(lines[:-1]) + json.dumps(job_line) + "\n", encoding="utf-8")
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli_main, ["--url", url, "import", str(corrupted)]) == 1
+        err = capsys.readouterr().err
+        assert f"corrupted.jsonl:{len(lines)}: not a stored job" in err and fragment in err, err
+        assert "nothing was imported" in err
+    doubled = tmp_path / "doubled.jsonl"
+    doubled.write_text("".join(lines) + lines[-1], encoding="utf-8")
+    assert await asyncio.to_thread(cli_main, ["--url", url, "import", str(doubled)]) == 1
+    assert f"is already on line {len(lines)}" in capsys.readouterr().err
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, ["--url", url, "db", "current"]) == 0
+    assert capsys.readouterr().out.startswith("none")  # not even the schema was created
+
+
+async def test_a_downgrade_that_drops_the_jobs_table_counts_the_jobs(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = await _jobs_and_a_chat(url)
+    capsys.readouterr()
+    for target, destroyed in [
+        ("-1", "2 stored jobs of"),
+        ("base", "1 stored row and 2 stored jobs"),
+    ]:
+        assert await asyncio.to_thread(cli_main, ["--url", url, "db", "downgrade", target]) == 1
+        err = capsys.readouterr().err
+        assert f"would destroy {destroyed}" in err and "--yes" in err and "export" in err, err
+        assert await rows(url) == before
+    assert await asyncio.to_thread(cli_main, ["--url", url, "db", "downgrade", "-1", "--yes"]) == 0
+    assert "-> 0001" in capsys.readouterr().out
+
+
+async def test_a_database_at_revision_0001_exports_its_rows_only(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _jobs_and_a_chat(url)
+    assert (
+        await asyncio.to_thread(cli_main, ["--url", url, "db", "downgrade", "0001", "--yes"]) == 0
+    )
+    backup = tmp_path / "backup.jsonl"
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, ["--url", url, "export", str(backup)]) == 0
+    assert "exported 1 row from" in capsys.readouterr().out
+    (line,) = backup.read_text(encoding="utf-8").splitlines()
+    assert json.loads(line)["namespace"] == "chat_data"
+    assert await asyncio.to_thread(cli_main, ["--url", url, "db", "current"]) == 0
+    assert capsys.readouterr().out.startswith("0001")  # export changed nothing
+
+
+@pytest.mark.parametrize("server", ["postgresql", "mariadb"])
+async def test_a_silent_server_gives_the_job_store_a_storage_error_within_its_timeout(
+    server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from _proxy import OutageProxy
+    from conftest import async_server_url
+
+    url = await async_server_url(server)
+    parsed = make_url(url)
+    proxy = OutageProxy(parsed.host or "127.0.0.1", parsed.port or 0)
+    try:
+        through = parsed.set(host="127.0.0.1", port=proxy.port)
+        persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+            through.render_as_string(hide_password=False), store_jobs=True, timeout=1
+        )
+        app = await start(builder().persistence(persistence).build())
+        assert app.job_queue is not None
+        # no misfire limit: its run, held back by the silent server, still runs afterwards
+        app.job_queue.run_once(tick, 2, name="due", job_kwargs={"misfire_grace_time": None})
+        await stored(url, 1)
+        proxy.stall()
+        with caplog.at_level(logging.ERROR, logger="ptb_sessions"):
+
+            def failed(what: str) -> Callable[[], Awaitable[bool]]:
+                async def logged() -> bool:
+                    return any(
+                        what in r.getMessage() and "no answer within 1 s" in r.getMessage()
+                        for r in caplog.records
+                    )
+
+                return logged
+
+            await eventually(failed("Due jobs are not run"), "the claim to hit its deadline")
+            app.job_queue.run_repeating(tick, 600, name="written later")
+            await eventually(failed("job changes are kept"), "the write to hit its deadline")
+        assert RUNS == []
+        proxy.restore()
+        await asyncio.wait_for(RAN.wait(), 30)  # claimed on a fresh connection, and run
+        await stored(url, 1)  # "written later" is there; "due" ended with its run
+        assert {row["name"] for row in (await rows(url)).values()} == {"written later"}
+        await stop(app)
+    finally:
+        proxy.close()
+
+
+async def test_ptbs_own_timerbot_keeps_its_timers_across_a_restart(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from _bot import OfflineRequest, message_update, process
+    from _ptb_examples import load_example
+
+    def timerbot(request: OfflineRequest) -> App:
+        persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(
+            url, store_jobs=True
+        )
+        _, app = load_example(
+            "timerbot", lambda: builder(request).persistence(persistence), None, monkeypatch
+        )
+        return app  # type: ignore[no-any-return]
+
+    request = OfflineRequest()
+    app = timerbot(request)
+    async with app:
+        await app.start()
+        await process(app, message_update(5, "/set 30"), message_update(6, "/set 40"))
+        await process(app, message_update(6, "/unset"))
+        await app.stop()
+    assert len(request.texts(5)) == len(request.texts(6)) - 1 == 1
+    (stored_job,) = (await stored(url, 1)).values()
+    assert stored_job["callback"] == "ptb_example_timerbot:alarm" and stored_job["chat_id"] == 5
+
+    await change_rows(url, update(JOBS).values(next_run_at=0.0))  # the 30 s pass while down
+    request = OfflineRequest()
+    restarted = timerbot(request)  # the example's module is loaded again, as at a restart
+    async with restarted:
+        await restarted.start()
+
+        async def beeped() -> bool:
+            return len(request.texts(5)) == 1
+
+        await eventually(beeped, "the restored timer to go off")
+        await restarted.stop()
+    assert "30" in request.texts(5)[0] and request.texts(6) == []
+    assert await rows(url) == {}  # the run_once ran: gone
 
 
 async def test_job_changes_during_an_outage_never_block_and_are_written_when_it_ends(

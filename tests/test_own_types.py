@@ -18,17 +18,18 @@ from collections import defaultdict
 from collections.abc import Callable, Coroutine
 from enum import IntEnum
 from pathlib import Path
+from types import ModuleType
 from typing import Any, cast
 
 import pytest
 from _bot import BOT_USER, OfflineRequest, builder
+from _ptb_examples import load_example
 from _values import OWN_TYPES, own_values, same
 from hypothesis import HealthCheck, given, settings
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
-from telegram.constants import ParseMode
 from telegram.ext import (
     Application,
     CallbackContext,
@@ -37,9 +38,7 @@ from telegram.ext import (
     ContextTypes,
     ConversationHandler,
     ExtBot,
-    InvalidCallbackData,
     MessageHandler,
-    TypeHandler,
     filters,
 )
 
@@ -535,105 +534,26 @@ async def test_rows_naming_unregistered_classes_run_nothing(db_url: str, tmp_pat
 # -- PTB's own examples, with an SQLAlchemyPersistence added to their builder ---------------------
 
 
-class ExampleChatData:
-    """contexttypesbot's ChatData: a plain class holding a defaultdict(int)."""
-
-    def __init__(self) -> None:
-        self.clicks_per_message: defaultdict[int, int] = defaultdict(int)
-
-
-class CustomContext(
-    CallbackContext[ExtBot[None], dict[Any, Any], ExampleChatData, dict[Any, Any]]
-):
-    """contexttypesbot's context: the clicks of the message the update is about, and the users
-    in a set in bot_data."""
-
-    def __init__(
-        self,
-        application: Application,  # type: ignore[type-arg]
-        chat_id: int | None = None,
-        user_id: int | None = None,
-    ) -> None:
-        super().__init__(application=application, chat_id=chat_id, user_id=user_id)
-        self._message_id: int | None = None
-
-    @property
-    def bot_user_ids(self) -> set[int]:
-        return cast(set[int], self.bot_data.setdefault("user_ids", set()))
-
-    @property
-    def message_clicks(self) -> int | None:
-        if self._message_id:
-            return self.chat_data.clicks_per_message[self._message_id]  # type: ignore[union-attr]
-        return None
-
-    @message_clicks.setter
-    def message_clicks(self, value: int) -> None:
-        if not self._message_id:
-            raise RuntimeError("There is no message associated with this context object.")
-        self.chat_data.clicks_per_message[self._message_id] = value  # type: ignore[union-attr]
-
-    @classmethod
-    def from_update(cls, update: object, application: Application) -> CustomContext:  # type: ignore[type-arg,override]
-        context = super().from_update(update, application)
-        if context.chat_data and isinstance(update, Update) and update.effective_message:
-            context._message_id = update.effective_message.message_id
-        return cast(CustomContext, context)
-
-
-def contexttypes_example(url: str, request: OfflineRequest) -> Application:  # type: ignore[type-arg]
-    """PTB's contexttypesbot.py, as it is, with an SQLAlchemyPersistence added to its builder."""
-
-    async def start(update: Update, context: CustomContext) -> None:
-        await update.message.reply_html(  # type: ignore[union-attr]
-            "This button was clicked <i>0</i> times.",
-            reply_markup=InlineKeyboardMarkup.from_button(
-                InlineKeyboardButton(text="Click me!", callback_data="button")
-            ),
-        )
-
-    async def count_click(update: Update, context: CustomContext) -> None:
-        context.message_clicks += 1  # type: ignore[operator]
-        await update.callback_query.answer()  # type: ignore[union-attr]
-        await update.effective_message.edit_text(  # type: ignore[union-attr]
-            f"This button was clicked <i>{context.message_clicks}</i> times.",
-            reply_markup=InlineKeyboardMarkup.from_button(
-                InlineKeyboardButton(text="Click me!", callback_data="button")
-            ),
-            parse_mode=ParseMode.HTML,
-        )
-
-    async def print_users(update: Update, context: CustomContext) -> None:
-        await update.message.reply_text(  # type: ignore[union-attr]
-            "The following user IDs have used this bot: "
-            f"{', '.join(map(str, sorted(context.bot_user_ids)))}"
-        )
-
-    async def track_users(update: Update, context: CustomContext) -> None:
-        if update.effective_user:
-            context.bot_user_ids.add(update.effective_user.id)
-
-    context_types = ContextTypes(context=CustomContext, chat_data=ExampleChatData)
-    application = (
-        builder(request)
-        .context_types(context_types)
-        .persistence(SQLAlchemyPersistence(url))
-        .build()
+def example(
+    name: str, url: str, request: OfflineRequest, monkeypatch: pytest.MonkeyPatch
+) -> tuple[ModuleType, Application]:  # type: ignore[type-arg]
+    """PTB's ``examples/<name>.py`` as it is, with an SQLAlchemyPersistence added to its
+    builder (see tests/_ptb_examples.py)."""
+    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(url)
+    return load_example(
+        name, lambda: builder(request).persistence(persistence), persistence, monkeypatch
     )
-    application.add_handler(TypeHandler(Update, track_users), group=-1)
-    application.add_handler(CommandHandler("start", start))
-    application.add_handler(CallbackQueryHandler(count_click))
-    application.add_handler(CommandHandler("print_users", print_users))
-    return application
 
 
 def edited_texts(request: OfflineRequest) -> list[str]:
     return [str(p["text"]) for m, p in request.calls if m == "editMessageText"]
 
 
-async def test_contexttypesbot_click_counts_survive_a_restart(db_url: str) -> None:
+async def test_contexttypesbot_click_counts_survive_a_restart(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     request = OfflineRequest()
-    app = contexttypes_example(db_url, request)
+    bot, app = example("contexttypesbot", db_url, request, monkeypatch)
     errors = errors_of(app)
     async with app:
         await feed(app, text_update(app, 5, "/start"))
@@ -642,168 +562,60 @@ async def test_contexttypesbot_click_counts_survive_a_restart(db_url: str) -> No
         await feed(app, click_update(app, request, 5, user_id=8))
     assert errors == []
 
-    app2 = contexttypes_example(db_url, request)
+    bot, app2 = example("contexttypesbot", db_url, request, monkeypatch)
     async with app2:
         chat = app2.chat_data[5]
-        assert type(chat) is ExampleChatData
+        assert type(chat) is bot.ChatData  # a plain class holding a defaultdict(int)
         assert type(chat.clicks_per_message) is defaultdict
         assert chat.clicks_per_message == {button: 2}
         await feed(app2, click_update(app2, request, 5), text_update(app2, 5, "/print_users"))
-    assert edited_texts(request) == [
-        f"This button was clicked <i>{n}</i> times." for n in (1, 2, 3)
+    assert [text.count(f"<i>{n}</i>") for n, text in enumerate(edited_texts(request), 1)] == [
+        1,
+        1,
+        1,
     ]
-    assert request.texts(5)[-1] == "The following user IDs have used this bot: 5, 8"
+    assert sorted(request.texts(5)[-1].rsplit(": ", 1)[1].split(", ")) == ["5", "8"]
 
-    app3 = contexttypes_example(db_url, request)
+    _, app3 = example("contexttypesbot", db_url, request, monkeypatch)
     async with app3:
         assert app3.chat_data[5].clicks_per_message == {button: 3}
-        assert app3.bot_data == {"user_ids": {5, 8}}
+        assert app3.bot_data == {"user_ids": {5, 8}}  # a set
 
 
-def arbitrarycallbackdata_example(url: str, request: OfflineRequest) -> Application:  # type: ignore[type-arg]
-    """PTB's arbitrarycallbackdatabot.py, its PicklePersistence replaced."""
-
-    def build_keyboard(current_list: list[int]) -> InlineKeyboardMarkup:
-        return InlineKeyboardMarkup.from_column(
-            [InlineKeyboardButton(str(i), callback_data=(i, current_list)) for i in range(1, 6)]
-        )
-
-    async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        number_list: list[int] = []
-        await update.message.reply_text("Please choose:", reply_markup=build_keyboard(number_list))  # type: ignore[union-attr]
-
-    async def list_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        query = update.callback_query
-        await query.answer()  # type: ignore[union-attr]
-        number, number_list = cast("tuple[int, list[int]]", query.data)  # type: ignore[union-attr]
-        number_list.append(number)
-        await query.edit_message_text(  # type: ignore[union-attr]
-            text=f"So far you've selected {number_list}. Choose the next item:",
-            reply_markup=build_keyboard(number_list),
-        )
-        context.drop_callback_data(query)  # type: ignore[arg-type]
-
-    async def handle_invalid_button(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        await update.callback_query.answer()  # type: ignore[union-attr]
-        await update.effective_message.edit_text(  # type: ignore[union-attr]
-            "Sorry, I could not process this button click 😕 Please send /start to get a new "
-            "keyboard."
-        )
-
-    application = (
-        builder(request)
-        .persistence(SQLAlchemyPersistence(url))
-        .arbitrary_callback_data(True)
-        .build()
-    )
-    application.add_handler(CommandHandler("start", start))
-    application.add_handler(
-        CallbackQueryHandler(handle_invalid_button, pattern=InvalidCallbackData)
-    )
-    application.add_handler(CallbackQueryHandler(list_button))
-    return application
-
-
-async def test_arbitrarycallbackdatabot_still_passes(db_url: str) -> None:
+async def test_arbitrarycallbackdatabot_buttons_work_after_restarts(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     request = OfflineRequest()
-    app = arbitrarycallbackdata_example(db_url, request)
+    _, app = example("arbitrarycallbackdatabot", db_url, request, monkeypatch)
     async with app:
         await feed(app, text_update(app, 5, "/start"))
         await feed(app, click_update(app, request, 5, (2, 0)))
     for button in ((0, 0), (4, 0)):
-        restarted = arbitrarycallbackdata_example(db_url, request)
+        _, restarted = example("arbitrarycallbackdatabot", db_url, request, monkeypatch)
         async with restarted:
             await feed(restarted, click_update(restarted, request, 5, button))
-    assert edited_texts(request) == [
-        f"So far you've selected {numbers}. Choose the next item:"
-        for numbers in ([3], [3, 1], [3, 1, 5])
-    ]
+    chosen = edited_texts(request)
+    assert len(chosen) == 3
+    for text, numbers in zip(chosen, ([3], [3, 1], [3, 1, 5])):
+        assert str(numbers) in text, (text, numbers)
 
 
-CHOOSING, TYPING_REPLY, TYPING_CHOICE = range(3)
-
-
-def persistentconversation_example(url: str, request: OfflineRequest) -> Application:  # type: ignore[type-arg]
-    """PTB's persistentconversationbot.py, its PicklePersistence replaced (the reply keyboard
-    left out: the offline API does not care)."""
-
-    def facts_to_str(user_data: dict[str, str]) -> str:
-        facts = [f"{key} - {value}" for key, value in user_data.items()]
-        return "\n".join(facts).join(["\n", "\n"])
-
-    async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
-        reply_text = "Hi! My name is Doctor Botter."
-        if context.user_data:
-            reply_text += f" You already told me your {', '.join(context.user_data.keys())}."
-        await update.message.reply_text(reply_text)  # type: ignore[union-attr]
-        return CHOOSING
-
-    async def regular_choice(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
-        text = update.message.text.lower()  # type: ignore[union-attr]
-        context.user_data["choice"] = text  # type: ignore[index]
-        await update.message.reply_text(f"Your {text}? Yes, I would love to hear about that!")  # type: ignore[union-attr]
-        return TYPING_REPLY
-
-    async def custom_choice(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
-        await update.message.reply_text("Alright, please send me the category first")  # type: ignore[union-attr]
-        return TYPING_CHOICE
-
-    async def received_information(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
-        user_data = cast(dict[str, str], context.user_data)
-        category = user_data["choice"]
-        user_data[category] = update.message.text.lower()  # type: ignore[union-attr]
-        del user_data["choice"]
-        await update.message.reply_text(f"Neat!{facts_to_str(user_data)}")  # type: ignore[union-attr]
-        return CHOOSING
-
-    async def done(update: Update, context: ContextTypes.DEFAULT_TYPE) -> int:
-        user_data = cast(dict[str, str], context.user_data)
-        user_data.pop("choice", None)
-        await update.message.reply_text(
-            f"I learned these facts about you: {facts_to_str(user_data)}Until next time!"
-        )  # type: ignore[union-attr]
-        return ConversationHandler.END
-
-    reply = filters.TEXT & ~(filters.COMMAND | filters.Regex("^Done$"))
-    application = builder(request).persistence(SQLAlchemyPersistence(url)).build()
-    application.add_handler(
-        ConversationHandler(
-            entry_points=[CommandHandler("start", start)],
-            states={
-                CHOOSING: [
-                    MessageHandler(
-                        filters.Regex("^(Age|Favourite colour|Number of siblings)$"),
-                        regular_choice,
-                    ),
-                    MessageHandler(filters.Regex("^Something else...$"), custom_choice),
-                ],
-                TYPING_CHOICE: [MessageHandler(reply, regular_choice)],
-                TYPING_REPLY: [MessageHandler(reply, received_information)],
-            },
-            fallbacks=[MessageHandler(filters.Regex("^Done$"), done)],
-            name="my_conversation",
-            persistent=True,
-        )
-    )
-    return application
-
-
-async def test_persistentconversationbot_still_passes(db_url: str) -> None:
+async def test_persistentconversationbot_resumes_after_every_restart(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     request = OfflineRequest()
-    for text in ("/start", "Age", "36", "Something else...", "Pets", "a cat", "Done", "/start"):
-        app = persistentconversation_example(db_url, request)  # a restart before every message
-        async with app:
+    for text in ("/start", "Age", "36", "Something else...", "Pets", "a cat", "Done"):
+        _, app = example("persistentconversationbot", db_url, request, monkeypatch)
+        async with app:  # a restart before every message
             await feed(app, text_update(app, 5, text))
-    assert request.texts(5) == [
-        "Hi! My name is Doctor Botter.",
-        "Your age? Yes, I would love to hear about that!",
-        "Neat!\nage - 36\n",
-        "Alright, please send me the category first",
-        "Your pets? Yes, I would love to hear about that!",
-        "Neat!\nage - 36\npets - a cat\n",
-        "I learned these facts about you: \nage - 36\npets - a cat\nUntil next time!",
-        "Hi! My name is Doctor Botter. You already told me your age, pets.",
-    ]
+    replies = request.texts(5)
+    assert len(replies) == 7  # every message was answered: the conversation went on
+    assert "age - 36\npets - a cat" in replies[-1]
+    _, app = example("persistentconversationbot", db_url, request, monkeypatch)
+    async with app:
+        assert app.user_data[5] == {"age": "36", "pets": "a cat"}
+        await feed(app, text_update(app, 5, "/start"))
+    assert "age, pets" in request.texts(5)[-1]
 
 
 # -- generated values with registered classes, on every backend -----------------------------------
