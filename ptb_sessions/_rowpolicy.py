@@ -28,6 +28,7 @@ __all__ = [
     "apply_migrations",
     "is_number",
     "normalize_ttl",
+    "past_expiry",
     "sorted_migrations",
 ]
 
@@ -165,6 +166,12 @@ def apply_migrations(
     return value, latest
 
 
+def past_expiry(expires_at: float | None, now: float) -> bool:
+    """Whether a stored expiry has passed at ``now``: the rule of every expiry check (the
+    database's purge deletes the same rows)."""
+    return expires_at is not None and now > expires_at
+
+
 @dataclass(slots=True, frozen=True)
 class Opened:
     """A stored value as the policy hands it out.
@@ -242,8 +249,9 @@ class RowPolicy:
 
     def is_expired(self, expires_at: float | None) -> bool:
         """Whether a value with this expiry has expired. A value stored before the ttl was
-        turned on (no expiry) has not: its clock starts at its first read."""
-        return self.ttl is not None and expires_at is not None and self.clock() > expires_at
+        turned on (no expiry) has not: its clock starts at its first read. Without a ttl
+        nothing expires, whatever expiry was stored."""
+        return self.ttl is not None and past_expiry(expires_at, self.clock())
 
     def touch_due(self, expires_at: float | None) -> bool:
         """Whether a read must refresh this expiry now (or may wait a little longer)."""

@@ -77,6 +77,7 @@ from ptb_sessions._cli_pickle import import_pickle
 from ptb_sessions._cli_transfer import export_jsonl, import_jsonl
 from ptb_sessions._codec import JSONCodec, PickleCodec
 from ptb_sessions._errors import PTBSessionsError, StorageError
+from ptb_sessions._rowpolicy import past_expiry
 from ptb_sessions._rows import decode_record
 from ptb_sessions._schema import StoredRow
 from ptb_sessions._sqlalchemypersistence import BUILTIN_NAMESPACES
@@ -495,7 +496,7 @@ async def _show(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
     if record is None:
         raise CLIError(f"{_shown(namespace, key)} is not stored")
     out = stdout_console()
-    expired = record.expires_at is not None and record.expires_at < database.clock()
+    expired = past_expiry(record.expires_at, database.clock())
     size = len(record.data) if record.data is not None else 0
     out.print(_shown(namespace, key))
     out.print(
