@@ -909,3 +909,12 @@ async def test_job_changes_during_an_outage_never_block_and_are_written_when_it_
         await stop(app)
     finally:
         outage.close()
+
+
+def test_the_jobs_extra_pulls_in_ptbs_job_queue() -> None:
+    """``pip install 'ptb-sessions[jobs]'`` brings APScheduler through PTB's own extra."""
+    import importlib.metadata
+
+    requires = importlib.metadata.requires("ptb-sessions") or []
+    jobs = [r for r in requires if r.replace(" ", "").endswith('extra=="jobs"')]
+    assert len(jobs) == 1 and jobs[0].startswith("python-telegram-bot[job-queue]")
