@@ -329,6 +329,7 @@ class Database:
     """
 
     __slots__ = (
+        "__weakref__",
         "_dialect",
         "_engine",
         "_owns_engine",
@@ -659,7 +660,27 @@ class Database:
                 errors[write.where] = exc
         return errors
 
-    async def _apply_batch(self, writes: Sequence[Write]) -> dict[tuple[str, str], StorageError]:
+    async def apply_batch(
+        self, writes: Sequence[Write], *, wait_for_locks: bool = True
+    ) -> dict[tuple[str, str], StorageError]:
+        """Apply ``writes`` in one transaction, checking row versions as :meth:`apply` does,
+        but with no fallback: if the transaction fails, nothing is applied and the error is
+        raised. With ``wait_for_locks=False``, a row locked by another transaction fails the
+        batch at once instead of holding it until the lock is released.
+
+        Returns:
+            The conflicts of the writes that were not applied, by ``(namespace, key)``.
+
+        Raises:
+            StorageError: The transaction failed; nothing was applied.
+        """
+        if not writes:
+            return {}
+        return await self._apply_batch(writes, wait_for_locks=wait_for_locks)
+
+    async def _apply_batch(
+        self, writes: Sequence[Write], *, wait_for_locks: bool = True
+    ) -> dict[tuple[str, str], StorageError]:
         """One transaction of ``writes`` (tried again if it lost a deadlock)."""
         what = (
             f"Writing {writes[0].namespace}[{writes[0].key!r}]"
@@ -669,7 +690,7 @@ class Database:
         for attempt in range(_DEADLOCK_RETRIES):
             try:
                 return await self._run(
-                    what, lambda connection: self._write_batch(connection, writes)
+                    what, lambda connection: self._write_batch(connection, writes, wait_for_locks)
                 )
             except StorageError as exc:
                 if attempt + 1 == _DEADLOCK_RETRIES or not self._dialect.is_deadlock(
@@ -680,13 +701,15 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _write_batch(
-        self, connection: Connection, writes: Sequence[Write]
+        self, connection: Connection, writes: Sequence[Write], wait_for_locks: bool = True
     ) -> dict[tuple[str, str], StorageError]:
         now = self.clock()
         stored: dict[tuple[str, str], int] = {}
         for namespace, keys in _keys_by_namespace(writes).items():
             for chunk in _chunks(keys):
-                locked = self._dialect.lock_versions(connection, namespace, chunk)
+                locked = self._dialect.lock_versions(
+                    connection, namespace, chunk, wait=wait_for_locks
+                )
                 stored.update(((namespace, key), version) for key, version in locked.items())
         errors: dict[tuple[str, str], StorageError] = {}
         deletes: dict[str, list[str]] = {}

@@ -12,6 +12,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ptb_sessions._codec import Codec, JSONCodec
+from ptb_sessions._groupcommit import GroupCommit
 from ptb_sessions._rows import DEFAULT_MAX_VALUE_SIZE, decode_record, encode_value
 from ptb_sessions._store import ANY_VERSION, Database, Record, Write, check_key
 from ptb_sessions._url import DEFAULT_URL
@@ -128,7 +129,7 @@ class SQLAlchemyStorage:
             MigrationError: A data migration failed.
         """
         check_key(self.namespace, key)
-        record = await self.database.get(self.namespace, key)
+        record = await GroupCommit.of(self.database).read(self.namespace, key)
         if record is not None and self._expired(record):
             await self.database.delete_if_expired(self.namespace, key)
             record = None
@@ -173,7 +174,7 @@ class SQLAlchemyStorage:
             data_version=None if self._migrations is None else self._migrations[-1][0],
             expires_at=None if self._ttl is None else self.clock() + self._ttl,
         )
-        await self.database.write_one(write)
+        await GroupCommit.of(self.database).write(write)
 
     async def has(self, key: str) -> bool:
         """Whether an unexpired value is stored for ``key``."""

@@ -1,0 +1,200 @@
+"""Group commit: the single-row session reads and writes of concurrent callers, sent to the
+database together.
+
+A caller queues its operation and waits for its own result. Whatever is queued when no batch
+is running goes at once; whatever is queued while one runs goes, as one batch, when it
+returns: no timer delays a lone operation. A batch of one runs as its single statement
+(:meth:`Database.get`, :meth:`Database.write_one`); a larger one reads with one statement per
+namespace and writes in one transaction (:meth:`Database.apply_batch`).
+
+Nothing one key does holds back another: the batch transaction does not wait for a row that
+another transaction locked, and a batch that fails for any reason is sent again at once as
+single-row statements, side by side, so each caller gets the result of its own key. A batch
+still running after :data:`STALLED_AFTER` seconds (a lone statement waiting for a row lock)
+no longer holds the next batch back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable
+from typing import Any, Final, TypeVar
+
+from ptb_sessions._errors import StorageError
+from ptb_sessions._store import Database, Record, Write
+
+__all__ = ["STALLED_AFTER", "GroupCommit"]
+
+_LOGGER = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: Seconds after which a running batch no longer holds back the next one.
+STALLED_AFTER: Final = 0.25
+
+_Where = tuple[str, str]
+_GROUPS: weakref.WeakKeyDictionary[Database, GroupCommit] = weakref.WeakKeyDictionary()
+
+
+class GroupCommit:
+    """The session reads and writes of one :class:`~ptb_sessions._store.Database`.
+
+    Use :meth:`of` to get the one instance of a database, so that every storage on it shares
+    the batches and the cache.
+    """
+
+    __slots__ = ("_database", "_reads", "_running", "_writes")
+
+    def __init__(self, database: Database) -> None:
+        self._database = database
+        self._reads: dict[_Where, asyncio.Future[Record | None]] = {}
+        self._writes: dict[_Where, tuple[Write, asyncio.Future[None]]] = {}
+        self._running = False
+
+    @classmethod
+    def of(cls, database: Database) -> GroupCommit:
+        """The group commit of ``database`` (created on first use)."""
+        group = _GROUPS.get(database)
+        if group is None:
+            group = _GROUPS[database] = cls(database)
+        return group
+
+    # -- reads and writes ----------------------------------------------------------------
+
+    async def read(self, namespace: str, key: str) -> Record | None:
+        """The row of ``key``, or :obj:`None`, read together with the reads of concurrent
+        callers."""
+        where = (namespace, key)
+        waiting = self._reads.get(where)
+        if waiting is None:
+            waiting = self._reads[where] = asyncio.get_running_loop().create_future()
+            self._start()
+        return await asyncio.shield(waiting)
+
+    async def write(self, write: Write) -> None:
+        """Apply ``write`` (see :meth:`Database.write_one`), committed together with the
+        writes of concurrent callers; returns once it is committed.
+
+        Raises:
+            ConflictError: The stored version is not the expected one.
+            StorageError: The database failed.
+        """
+        while write.where in self._writes:  # one write per key and batch
+            await asyncio.shield(self._writes[write.where][1])
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writes[write.where] = (write, done)
+        self._start()
+        await asyncio.shield(done)
+
+    def _start(self) -> None:
+        if not self._running:
+            self._running = True
+            asyncio.get_running_loop().create_task(self._send_batches())
+
+    async def _send_batches(self) -> None:
+        try:
+            await asyncio.sleep(0)  # let the callers of this loop iteration join
+            while self._reads or self._writes:
+                reads, self._reads = self._reads, {}
+                writes, self._writes = self._writes, {}
+                batch = asyncio.ensure_future(self._send(reads, writes))
+                done, _ = await asyncio.wait({batch}, timeout=STALLED_AFTER)
+                if not done:
+                    _LOGGER.debug("A batch of %d operations is slow", len(reads) + len(writes))
+        finally:
+            self._running = False
+
+    async def _send(
+        self,
+        reads: dict[_Where, asyncio.Future[Record | None]],
+        writes: dict[_Where, tuple[Write, asyncio.Future[None]]],
+    ) -> None:
+        try:
+            await asyncio.gather(self._send_reads(reads), self._send_writes(writes))
+        finally:
+            waiters: list[asyncio.Future[Any]] = [*reads.values()]
+            waiters += [done for _, done in writes.values()]
+            for waiting in waiters:
+                waiting.cancel()  # only those still waiting (the batch was cancelled)
+
+    async def _send_reads(self, reads: dict[_Where, asyncio.Future[Record | None]]) -> None:
+        if len(reads) == 1:
+            (((namespace, key), waiting),) = reads.items()
+            await _settle(waiting, self._database.get(namespace, key))
+            return
+        by_namespace: dict[str, list[str]] = {}
+        for namespace, key in reads:
+            by_namespace.setdefault(namespace, []).append(key)
+        for namespace, keys in by_namespace.items():
+            try:
+                found = await self._database.get_many(namespace, keys)
+            except StorageError:
+                # each key on its own, so that each gets an error naming it (or its row)
+                await asyncio.gather(
+                    *(_settle(reads[namespace, k], self._database.get(namespace, k)) for k in keys)
+                )
+                continue
+            for key in keys:
+                waiting = reads[namespace, key]
+                if not waiting.done():
+                    waiting.set_result(found.get(key))
+
+    async def _send_writes(self, writes: dict[_Where, tuple[Write, asyncio.Future[None]]]) -> None:
+        if len(writes) == 1:
+            ((write, done),) = writes.values()
+            await _settle(done, self._database.write_one(write))
+            return
+        batch = [write for write, _ in writes.values()]
+        try:
+            errors = await self._database.apply_batch(batch, wait_for_locks=False)
+        except StorageError as exc:
+            await self._send_one_by_one(writes, exc)
+            return
+        for where, (_, done) in writes.items():
+            error = errors.get(where)
+            if done.done():
+                continue
+            if error is None:
+                done.set_result(None)
+            else:
+                _fail(done, error)
+
+    async def _send_one_by_one(
+        self, writes: dict[_Where, tuple[Write, asyncio.Future[None]]], exc: StorageError
+    ) -> None:
+        """After the batch of ``writes`` failed with ``exc``: each write on its own, side by
+        side (a locked row waits for its lock alone), unless the database is unreachable."""
+        if self._database.is_connection_error(exc) and not await self._database.reachable():
+            for write, done in writes.values():
+                _fail(done, _for_key(exc, write.namespace, write.key))
+            return
+        _LOGGER.debug(
+            "A batch of %d writes failed (%s); sending them one by one", len(writes), exc
+        )
+        await asyncio.gather(
+            *(_settle(done, self._database.write_one(write)) for write, done in writes.values())
+        )
+
+
+async def _settle(future: asyncio.Future[_T], work: Awaitable[_T]) -> None:
+    try:
+        result = await work
+    except Exception as exc:  # the waiter raises it
+        _fail(future, exc)
+    else:
+        if not future.done():
+            future.set_result(result)
+
+
+def _for_key(exc: StorageError, namespace: str, key: str) -> StorageError:
+    """``exc`` of a whole batch, as the error of one of its keys (naming that key)."""
+    error = type(exc)(f"{namespace}[{key!r}]: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+        future.exception()  # retrieved: the waiter raises it
