@@ -1,11 +1,11 @@
 """Group commit: the single-row session reads and writes of concurrent callers, sent to the
 database together.
 
-A caller queues its operation and waits for its own result. Whatever is queued when no batch
-is running goes at once; whatever is queued while one runs goes, as one batch, when it
-returns: no timer delays a lone operation. A batch of one runs as its single statement
-(:meth:`Database.get`, :meth:`Database.write_one`); a larger one reads with one statement per
-namespace and writes in one transaction (:meth:`Database.apply_batch`).
+A caller queues its operation and waits for its own result. An operation that finds nothing
+running nor queued goes at once, in the caller's task; whatever is queued while a batch runs
+goes, as one batch, when it returns: no timer delays a lone operation. A batch of one runs as
+its single statement (:meth:`Database.get`, :meth:`Database.write_one`); a larger one reads
+with one statement per namespace and writes in one transaction (:meth:`Database.apply_batch`).
 
 Nothing one key does holds back another: the batch transaction does not wait for a row that
 another transaction locked, and a batch that fails for any reason is sent again at once as
@@ -44,13 +44,14 @@ class GroupCommit:
     the batches and the cache.
     """
 
-    __slots__ = ("_database", "_reads", "_running", "_writes")
+    __slots__ = ("_database", "_inflight", "_reads", "_running", "_writes")
 
     def __init__(self, database: Database) -> None:
         self._database = database
         self._reads: dict[_Where, asyncio.Future[Record | None]] = {}
         self._writes: dict[_Where, tuple[Write, asyncio.Future[None]]] = {}
-        self._running = False
+        self._running = False  # whether a task sends the queued operations
+        self._inflight: asyncio.Future[None] | None = None  # done when the last batch returns
 
     @classmethod
     def of(cls, database: Database) -> GroupCommit:
@@ -65,6 +66,8 @@ class GroupCommit:
     async def read(self, namespace: str, key: str) -> Record | None:
         """The row of ``key``, or :obj:`None`, read together with the reads of concurrent
         callers."""
+        if self._idle:
+            return await self._alone(self._database.get(namespace, key))
         where = (namespace, key)
         waiting = self._reads.get(where)
         if waiting is None:
@@ -80,12 +83,34 @@ class GroupCommit:
             ConflictError: The stored version is not the expected one.
             StorageError: The database failed.
         """
+        if self._idle:
+            return await self._alone(self._database.write_one(write))
         while write.where in self._writes:  # one write per key and batch
             await asyncio.shield(self._writes[write.where][1])
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._writes[write.where] = (write, done)
         self._start()
         await asyncio.shield(done)
+
+    @property
+    def _idle(self) -> bool:
+        """Whether nothing is being sent nor queued: an operation may go at once, alone."""
+        return self._inflight is None and not self._running
+
+    async def _alone(self, work: Awaitable[_T]) -> _T:
+        """Run ``work``, a single-row operation, in the caller's task, as a batch of one
+        (what is queued meanwhile waits for it, as for any batch)."""
+        batch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight = batch
+        try:
+            return await work
+        finally:
+            batch.set_result(None)
+            self._batch_returned(batch)
+
+    def _batch_returned(self, batch: asyncio.Future[None]) -> None:
+        if self._inflight is batch:
+            self._inflight = None
 
     def _start(self) -> None:
         if not self._running:
@@ -96,12 +121,15 @@ class GroupCommit:
         try:
             await asyncio.sleep(0)  # let the callers of this loop iteration join
             while self._reads or self._writes:
+                previous = self._inflight
+                if previous is not None:
+                    done, _ = await asyncio.wait({previous}, timeout=STALLED_AFTER)
+                    if not done:
+                        _LOGGER.debug("A batch is slow; the next one goes without waiting")
                 reads, self._reads = self._reads, {}
                 writes, self._writes = self._writes, {}
-                batch = asyncio.ensure_future(self._send(reads, writes))
-                done, _ = await asyncio.wait({batch}, timeout=STALLED_AFTER)
-                if not done:
-                    _LOGGER.debug("A batch of %d operations is slow", len(reads) + len(writes))
+                batch = self._inflight = asyncio.ensure_future(self._send(reads, writes))
+                batch.add_done_callback(self._batch_returned)
         finally:
             self._running = False
 
@@ -111,7 +139,12 @@ class GroupCommit:
         writes: dict[_Where, tuple[Write, asyncio.Future[None]]],
     ) -> None:
         try:
-            await asyncio.gather(self._send_reads(reads), self._send_writes(writes))
+            if not reads:
+                await self._send_writes(writes)
+            elif not writes:
+                await self._send_reads(reads)
+            else:
+                await asyncio.gather(self._send_reads(reads), self._send_writes(writes))
         finally:
             waiters: list[asyncio.Future[Any]] = [*reads.values()]
             waiters += [done for _, done in writes.values()]

@@ -21,7 +21,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
@@ -922,9 +922,9 @@ class _Route:
     def engines(self) -> tuple[Engine, ...]:
         raise NotImplementedError
 
-    async def run(
+    def run(
         self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool
-    ) -> _T:
+    ) -> Awaitable[_T]:
         raise NotImplementedError
 
     async def dispose(self) -> None:
@@ -976,35 +976,73 @@ class _AsyncRoute(_Route):
 class _ThreadRoute(_Route):
     """SQLite, a file on this machine: SQLAlchemy's sync engine in one thread of its own,
     so a work function costs one hop to that thread (not one per cursor call, as through
-    aiosqlite), and the event loop never blocks."""
+    aiosqlite), and the event loop never blocks.
 
-    __slots__ = ("_engine", "_executor")
+    The thread keeps its two connections (one for transactions, one in autocommit mode for
+    single statements) open between calls instead of checking one out of the pool each time;
+    a connection on which a call failed is closed and opened again by the next call.
+    """
+
+    __slots__ = ("_autocommit", "_engine", "_executor", "_transactional")
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ptb_sessions-sqlite")
+        self._autocommit: Connection | None = None
+        self._transactional: Connection | None = None
 
     @property
     def engines(self) -> tuple[Engine, ...]:
         return (self._engine,)
 
-    async def run(
+    def run(
         self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool
-    ) -> _T:
+    ) -> asyncio.Future[_T]:
         call = functools.partial(self._run, work, autocommit=autocommit, read_only=read_only)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _run(self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool) -> _T:
-        with self._engine.connect() as connection:
+        if autocommit:
+            connection = self._autocommit
+            if connection is None:
+                connection = self._autocommit = self._engine.connect()
+                connection.execution_options(**{AUTOCOMMIT_OPTION: True})
+        else:
+            connection = self._transactional
+            if connection is None:
+                connection = self._transactional = self._engine.connect()
+        try:
             if autocommit:
-                return work(connection.execution_options(**{AUTOCOMMIT_OPTION: True}))
-            if read_only:
-                connection.execution_options(ptb_sessions_read_only=True)
+                # The driver commits every statement itself (see _sqlite_on_begin): the
+                # transaction that SQLAlchemy began on this connection stays open and empty.
+                return work(connection)
+            connection.execution_options(ptb_sessions_read_only=read_only)
             with connection.begin():
                 return work(connection)
+        except BaseException:
+            self._drop(connection)
+            raise
+
+    def _drop(self, connection: Connection) -> None:
+        if connection is self._autocommit:
+            self._autocommit = None
+        elif connection is self._transactional:
+            self._transactional = None
+        with contextlib.suppress(Exception):
+            connection.invalidate()
+        with contextlib.suppress(Exception):
+            connection.close()
+
+    def _close(self) -> None:
+        for connection in (self._autocommit, self._transactional):
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    connection.close()
+        self._autocommit = self._transactional = None
+        self._engine.dispose()
 
     async def dispose(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=False)
 
 
