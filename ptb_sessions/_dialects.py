@@ -53,6 +53,9 @@ class Dialect:
     threaded: ClassVar[bool] = False
     #: Whether :meth:`row_lock` locks anything (several processes share the database).
     row_locks: ClassVar[bool] = True
+    #: Whether one process is normally the database's only user, so that it may keep the
+    #: rows it read or wrote (the sessions' cache is on by default).
+    single_process: ClassVar[bool] = False
 
     # -- the engine ---------------------------------------------------------------------
 
@@ -123,6 +126,7 @@ class _SQLite(Dialect):
     name = "sqlite"
     threaded = True
     row_locks = False  # one writer at a time, and a single process in practice
+    single_process = True
 
     def engine_options(self, timeout: float) -> dict[str, Any]:
         # A file on this machine: no dropped connections to ping for; the driver waits up to

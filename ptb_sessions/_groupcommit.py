@@ -1,5 +1,5 @@
 """Group commit: the single-row session reads and writes of concurrent callers, sent to the
-database together.
+database together, and the rows this process last read or wrote, kept in a bounded cache.
 
 A caller queues its operation and waits for its own result. An operation that finds nothing
 running nor queued goes at once, in the caller's task; whatever is queued while a batch runs
@@ -12,6 +12,14 @@ another transaction locked, and a batch that fails for any reason is sent again 
 single-row statements, side by side, so each caller gets the result of its own key. A batch
 still running after :data:`STALLED_AFTER` seconds (a lone statement waiting for a row lock)
 no longer holds the next batch back.
+
+The cache (least recently used first out, :data:`DEFAULT_CACHE_SIZE` rows) holds each row as
+this process last read or wrote it, with its version, so the next update of a key needs no
+read. It is on by default where one process is normally the database's only user (SQLite);
+on a server, which several bot processes share, every read goes to the database unless
+:attr:`GroupCommit.cache_size` is set. A write based on a cached row that another process
+changed is a :class:`~ptb_sessions.ConflictError`, as any stale write is, and any failed write
+drops the key from the cache, so the key is read again next time.
 """
 
 from __future__ import annotations
@@ -19,19 +27,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
 
 from ptb_sessions._errors import StorageError
 from ptb_sessions._store import Database, Record, Write
 
-__all__ = ["STALLED_AFTER", "GroupCommit"]
+__all__ = ["DEFAULT_CACHE_SIZE", "STALLED_AFTER", "GroupCommit"]
 
 _LOGGER = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 #: Seconds after which a running batch no longer holds back the next one.
 STALLED_AFTER: Final = 0.25
+#: How many rows the per-process cache keeps by default.
+DEFAULT_CACHE_SIZE: Final = 10_000
 
 _Where = tuple[str, str]
 _GROUPS: weakref.WeakKeyDictionary[Database, GroupCommit] = weakref.WeakKeyDictionary()
@@ -44,10 +55,15 @@ class GroupCommit:
     the batches and the cache.
     """
 
-    __slots__ = ("_database", "_inflight", "_reads", "_running", "_writes")
+    __slots__ = ("_cache", "_database", "_inflight", "_reads", "_running", "_writes", "cache_size")
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, cache_size: int | None = None) -> None:
         self._database = database
+        self._cache: OrderedDict[_Where, Record | None] = OrderedDict()
+        if cache_size is None:
+            cache_size = DEFAULT_CACHE_SIZE if database.single_process else 0
+        #: How many rows the cache keeps (0: none).
+        self.cache_size = cache_size
         self._reads: dict[_Where, asyncio.Future[Record | None]] = {}
         self._writes: dict[_Where, tuple[Write, asyncio.Future[None]]] = {}
         self._running = False  # whether a task sends the queued operations
@@ -61,36 +77,72 @@ class GroupCommit:
             group = _GROUPS[database] = cls(database)
         return group
 
+    # -- the cache ------------------------------------------------------------------------
+
+    def forget(self, namespace: str, key: str) -> None:
+        """Drop the cached row of ``key``: its next read goes to the database (another
+        process may have changed it)."""
+        self._cache.pop((namespace, key), None)
+
+    def clear(self) -> None:
+        """Drop every cached row (rows were changed outside the sessions, e.g. moved)."""
+        self._cache.clear()
+
+    def _remember(self, where: _Where, record: Record | None) -> None:
+        if self.cache_size <= 0:
+            return
+        cache = self._cache
+        cache[where] = record
+        cache.move_to_end(where)
+        if len(cache) > self.cache_size:
+            cache.popitem(last=False)
+
     # -- reads and writes ----------------------------------------------------------------
 
     async def read(self, namespace: str, key: str) -> Record | None:
-        """The row of ``key``, or :obj:`None`, read together with the reads of concurrent
-        callers."""
-        if self._idle:
-            return await self._alone(self._database.get(namespace, key))
+        """The row of ``key``, or :obj:`None`: as cached, else read together with the reads
+        of concurrent callers."""
         where = (namespace, key)
-        waiting = self._reads.get(where)
-        if waiting is None:
-            waiting = self._reads[where] = asyncio.get_running_loop().create_future()
-            self._start()
-        return await asyncio.shield(waiting)
+        cache = self._cache
+        if where in cache:
+            cache.move_to_end(where)
+            return cache[where]
+        if self._idle:
+            record = await self._alone(self._database.get(namespace, key))
+        else:
+            waiting = self._reads.get(where)
+            if waiting is None:
+                waiting = self._reads[where] = asyncio.get_running_loop().create_future()
+                self._start()
+            record = await asyncio.shield(waiting)
+        self._remember(where, record)
+        return record
 
     async def write(self, write: Write) -> None:
         """Apply ``write`` (see :meth:`Database.write_one`), committed together with the
         writes of concurrent callers; returns once it is committed.
 
         Raises:
-            ConflictError: The stored version is not the expected one.
+            ConflictError: The stored version is not the expected one (the key's cached row
+                is dropped, as after any failure).
             StorageError: The database failed.
         """
-        if self._idle:
-            return await self._alone(self._database.write_one(write))
-        while write.where in self._writes:  # one write per key and batch
-            await asyncio.shield(self._writes[write.where][1])
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._writes[write.where] = (write, done)
-        self._start()
-        await asyncio.shield(done)
+        where = write.where
+        self._cache.pop(where, None)  # unknown until the write returns
+        try:
+            if self._idle:
+                await self._alone(self._database.write_one(write))
+            else:
+                while where in self._writes:  # one write per key and batch
+                    await asyncio.shield(self._writes[where][1])
+                done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._writes[where] = (write, done)
+                self._start()
+                await asyncio.shield(done)
+        except BaseException:
+            self._cache.pop(where, None)
+            raise
+        self._remember(where, _written(write, self._database.clock()))
 
     @property
     def _idle(self) -> bool:
@@ -208,6 +260,20 @@ class GroupCommit:
         await asyncio.gather(
             *(_settle(done, self._database.write_one(write)) for write, done in writes.values())
         )
+
+
+def _written(write: Write, now: float) -> Record | None:
+    """The row as ``write`` left it (:obj:`None`: deleted)."""
+    if write.data is None:
+        return None
+    return Record(
+        codec=write.codec,
+        data=write.data,
+        version=write.version,
+        data_version=write.data_version,
+        touched_at=now,
+        expires_at=write.expires_at,
+    )
 
 
 async def _settle(future: asyncio.Future[_T], work: Awaitable[_T]) -> None:

@@ -384,6 +384,12 @@ class Database:
         return self._url.get_backend_name()
 
     @property
+    def single_process(self) -> bool:
+        """Whether one process is normally this database's only user (SQLite: a file on this
+        machine), so that it may keep the rows it read or wrote."""
+        return self._dialect.single_process
+
+    @property
     def engine(self) -> AsyncEngine:
         """The engine, created on first use (the schema upgrades run on it)."""
         if self._engine is None:

@@ -8,14 +8,21 @@ import json
 from typing import Any
 
 import pytest
-from _bot import builder, message_update
+from _bot import builder, message_update, process
 from _statements import StatementLog
 from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 from telegram.ext import MessageHandler, TypeHandler, filters
 
-from ptb_sessions import ConflictError, SessionHandler, SQLAlchemyPersistence, StorageError
+from ptb_sessions import (
+    ConflictError,
+    SessionHandler,
+    SQLAlchemyPersistence,
+    SQLAlchemyStorage,
+    StorageError,
+)
+from ptb_sessions._groupcommit import DEFAULT_CACHE_SIZE, GroupCommit
 from ptb_sessions._schema import StoredRow
 from ptb_sessions._store import Write
 
@@ -153,4 +160,119 @@ async def test_a_locked_row_in_a_batch_holds_back_no_other_key(fresh_db_url: str
         assert await stored_sessions(fresh_db_url) == {key: {"n": 2} for key in keys}
     finally:
         await blocker.dispose()
+        await persistence.flush()
+
+
+# -- the per-process session cache --------------------------------------------------------
+
+
+def counting_session_app(storage: Any, errors: list[BaseException], **options: Any) -> Any:
+    app = builder().build()
+
+    async def count(update: Any, context: Any) -> None:
+        context.session["n"] += 1
+
+    async def collect(update: Any, context: Any) -> None:
+        errors.append(context.error)
+
+    app.add_handler(
+        SessionHandler(
+            [MessageHandler(filters.TEXT, count)],
+            storage=storage,
+            initial=lambda: {"n": 0},
+            **options,
+        )
+    )
+    app.add_error_handler(collect)
+    return app
+
+
+def cached_sessions(persistence: SQLAlchemyPersistence[Any, Any, Any]) -> Any:
+    """The persistence's session storage, with the cache on (the default on SQLite only: a
+    server is usually shared by several processes)."""
+    GroupCommit.of(persistence.database).cache_size = DEFAULT_CACHE_SIZE
+    return persistence.storage()
+
+
+def selects(log: StatementLog) -> list[str]:
+    return [sql for sql, _, _ in log.statements if sql.lstrip().upper().startswith("SELECT")]
+
+
+async def test_a_second_update_of_a_key_reads_nothing(fresh_db_url: str) -> None:
+    persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
+    errors: list[BaseException] = []
+    app = counting_session_app(cached_sessions(persistence), errors)
+    async with app:
+        await process(app, message_update(1))
+        log = StatementLog(persistence.database)
+        await process(app, message_update(1), message_update(1))
+    await persistence.flush()
+    assert errors == []
+    assert selects(log) == []
+    assert log.rows_written() == 2
+    assert await stored_sessions(fresh_db_url) == {"1": {"n": 3}}
+
+
+async def test_a_write_by_another_process_is_a_conflict_then_reloads(fresh_db_url: str) -> None:
+    persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
+    other = SQLAlchemyStorage(fresh_db_url)  # another process: its own database objects
+    errors: list[BaseException] = []
+    app = counting_session_app(cached_sessions(persistence), errors)
+    try:
+        async with app:
+            await process(app, message_update(1))
+            assert await other.read("1") == {"n": 1}
+            await other.write("1", {"n": 10})
+            await process(app, message_update(1))  # based on the cached {"n": 1}
+            assert [type(error) for error in errors] == [ConflictError]
+            assert await stored_sessions(fresh_db_url) == {"1": {"n": 10}}
+            await process(app, message_update(1))  # read again
+        assert await stored_sessions(fresh_db_url) == {"1": {"n": 11}}
+    finally:
+        await other.close()
+        await persistence.flush()
+
+
+async def test_lock_database_reads_every_update_from_the_database(fresh_db_url: str) -> None:
+    persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
+    other = SQLAlchemyStorage(fresh_db_url)
+    errors: list[BaseException] = []
+    app = counting_session_app(cached_sessions(persistence), errors, lock="database")
+    try:
+        async with app:
+            await process(app, message_update(1))
+            assert await other.read("1") == {"n": 1}
+            await other.write("1", {"n": 10})
+            await process(app, message_update(1))
+        assert errors == []
+        assert await stored_sessions(fresh_db_url) == {"1": {"n": 11}}
+    finally:
+        await other.close()
+        await persistence.flush()
+
+
+async def test_the_cache_is_on_by_default_only_where_one_process_owns_the_database(
+    fresh_db_url: str,
+) -> None:
+    persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
+    expected = DEFAULT_CACHE_SIZE if fresh_db_url.startswith("sqlite") else 0
+    assert GroupCommit.of(persistence.database).cache_size == expected
+    await persistence.flush()
+
+
+async def test_the_cache_keeps_at_most_cache_size_rows(fresh_db_url: str) -> None:
+    persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
+    group = GroupCommit.of(persistence.database)
+    group.cache_size = 2
+    storage = persistence.storage()
+    try:
+        for key in "abc":
+            await storage.read(key)
+            await storage.write(key, {"k": key})
+        log = StatementLog(persistence.database)
+        assert [await storage.read(key) for key in "bc"] == [{"k": "b"}, {"k": "c"}]
+        assert selects(log) == []
+        assert await storage.read("a") == {"k": "a"}  # the least recently used left
+        assert len(selects(log)) == 1
+    finally:
         await persistence.flush()

@@ -131,6 +131,7 @@ class SQLAlchemyStorage:
         check_key(self.namespace, key)
         record = await GroupCommit.of(self.database).read(self.namespace, key)
         if record is not None and self._expired(record):
+            GroupCommit.of(self.database).forget(self.namespace, key)
             await self.database.delete_if_expired(self.namespace, key)
             record = None
         if record is None:
@@ -200,8 +201,10 @@ class SQLAlchemyStorage:
     @contextlib.asynccontextmanager
     async def lock(self, key: str) -> AsyncIterator[None]:
         """Hold a database lock on ``key`` (PostgreSQL, MariaDB, MySQL) so that several bot
-        processes take turns; used by ``SessionHandler(lock="database")``."""
+        processes take turns; used by ``SessionHandler(lock="database")``. Under the lock,
+        the key is read from the database, never from this process's cache."""
         async with self.database.row_lock(self.namespace, key):
+            GroupCommit.of(self.database).forget(self.namespace, key)
             yield
 
     async def close(self) -> None:
