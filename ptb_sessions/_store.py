@@ -52,6 +52,10 @@ DEFAULT_TIMEOUT: Final = 30.0
 _DEADLOCK_RETRIES: Final = 5
 #: How many keys go into one ``IN (...)`` list.
 _CHUNK: Final = 500
+#: Pooled connections left to reads and writes while the others hold row locks.
+_CONNECTIONS_FOR_DATA: Final = 3
+#: ``max_overflow`` of the engines created here (SQLAlchemy's default).
+_POOL_OVERFLOW: Final = 10
 
 
 def new_version() -> int:
@@ -332,6 +336,7 @@ class Database:
         "__weakref__",
         "_dialect",
         "_engine",
+        "_lock_slots",
         "_owns_engine",
         "_ready",
         "_ready_lock",
@@ -364,6 +369,7 @@ class Database:
         self._dialect = dialect_for(self._url.get_backend_name())
         self._statements = _Statements.of(self._dialect)
         self._route_: _Route | None = None
+        self._lock_slots: asyncio.Semaphore | None = None
         self.auto_upgrade = auto_upgrade
         self.clock = clock
         self.timeout = timeout
@@ -898,6 +904,35 @@ class Database:
             return
         await self.ensure_schema()
         what = f"Locking {namespace}[{key!r}]"
+        slots = self._row_lock_slots()
+        try:
+            await asyncio.wait_for(slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise StorageError(
+                f"Could not lock {namespace}[{key!r}] within {timeout} s on {self.masked_url}: "
+                "every connection for row locks is taken by other updates"
+            ) from None
+        try:
+            async with self._locked(namespace, key, timeout, what):
+                yield
+        finally:
+            slots.release()
+
+    def _row_lock_slots(self) -> asyncio.Semaphore:
+        """How many row locks this process may hold at once: each holds a pooled connection
+        of its own, and the holders' reads and writes must still find one (else they would
+        wait for each other until the deadline)."""
+        if self._lock_slots is None:
+            size = getattr(self.engine.sync_engine.pool, "size", None)
+            overflow = _POOL_OVERFLOW if self._owns_engine else 0  # unknown: none
+            capacity = size() + overflow if callable(size) else 1 << 16  # else: no pool
+            self._lock_slots = asyncio.Semaphore(max(1, capacity - _CONNECTIONS_FOR_DATA))
+        return self._lock_slots
+
+    @contextlib.asynccontextmanager
+    async def _locked(
+        self, namespace: str, key: str, timeout: float, what: str
+    ) -> AsyncIterator[None]:
         try:
             connection = await asyncio.wait_for(self.engine.connect(), self.timeout)
         except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
