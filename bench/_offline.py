@@ -49,7 +49,7 @@ SERVER_URLS = {
     ),
 }
 _SERVER_DATABASES = {"postgresql": "postgres", "mariadb": "mysql"}
-TABLES = ("ptb_sessions_data", "ptb_sessions_alembic_version")
+TABLES = ("ptb_sessions_data", "ptb_sessions_jobs", "ptb_sessions_alembic_version")
 
 # MariaDB notes (e.g. "Unknown table" on DROP TABLE IF EXISTS) are logged by the driver.
 logging.getLogger("asyncmy").setLevel(logging.ERROR)

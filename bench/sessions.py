@@ -8,18 +8,24 @@
   ``app.update_queue`` after ``app.start()``, timed until the last one is handled).
 * Lazy ``SessionHandler`` whose handler never touches the session vs the same handler with no
   SessionHandler at all (sequential, alternating runs, median).
+* Scaling (``--scaling``, needs PostgreSQL): 1, 2 and 4 bot processes on one PostgreSQL
+  database with ``SessionHandler(lock="database")``, each running the concurrent workload on
+  chats of its own, started together; the aggregate is every process's updates over the time
+  from the first start to the last end.
 
 Every chat got one update before the timed run (its row exists). ``time.perf_counter`` around
 exactly the loop (sequential) or from the first ``put`` to the last handled update
 (concurrent). A group-1 ``TypeHandler`` counts handled updates in every configuration.
 
-Usage: python bench/sessions.py [--backends sqlite,postgresql,mariadb] [--quick]
+Usage: python bench/sessions.py [--backends sqlite,postgresql,mariadb] [--quick] [--scaling]
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -111,10 +117,13 @@ def build(
     return app, counter
 
 
-def updates_for(app: Application, n: int, start: int = 0) -> list[Update]:  # type: ignore[type-arg]
-    return [
-        message_update(CHAT_ID_BASE + (i % CHATS), bot=app.bot) for i in range(start, start + n)
-    ]
+def updates_for(
+    app: Application,  # type: ignore[type-arg]
+    n: int,
+    start: int = 0,
+    chats_from: int = CHAT_ID_BASE,
+) -> list[Update]:
+    return [message_update(chats_from + (i % CHATS), bot=app.bot) for i in range(start, start + n)]
 
 
 async def run_sequential(add_handlers: Callable[[Application], None], n: int) -> tuple[float, int]:  # type: ignore[type-arg]
@@ -138,15 +147,24 @@ async def run_sequential(add_handlers: Callable[[Application], None], n: int) ->
     return n / t.seconds, counter.errors
 
 
-async def run_concurrent(add_handlers: Callable[[Application], None], n: int) -> tuple[float, int]:  # type: ignore[type-arg]
+async def run_concurrent(
+    add_handlers: Callable[[Application], None],  # type: ignore[type-arg]
+    n: int,
+    chats_from: int = CHAT_ID_BASE,
+    ready: Callable[[], None] | None = None,
+) -> tuple[float, int]:
+    """Updates per second, errors. ``ready`` is called after the warm-up, just before the
+    timed run."""
     app, counter = build(add_handlers, concurrent=True)
     await app.initialize()
     try:
         counter.arm(CHATS)
-        for update in updates_for(app, CHATS):
+        for update in updates_for(app, CHATS, chats_from=chats_from):
             await app.process_update(update)
-        updates = updates_for(app, n, CHATS)
+        updates = updates_for(app, n, CHATS, chats_from=chats_from)
         counter.arm(n)
+        if ready is not None:
+            ready()
         await app.start()
         try:
             with Timer() as t:
@@ -162,25 +180,83 @@ async def run_concurrent(add_handlers: Callable[[Application], None], n: int) ->
     return n / t.seconds, counter.errors
 
 
-def session_handlers(storage: Any) -> Callable[[Application], None]:  # type: ignore[type-arg]
+def session_handlers(storage: Any, **options: Any) -> Callable[[Application], None]:  # type: ignore[type-arg]
     def add(app: Application) -> None:  # type: ignore[type-arg]
         app.add_handler(
             SessionHandler(
                 [MessageHandler(filters.TEXT, on_session)],
                 initial=lambda: {"n": 0},
                 storage=storage,
+                **options,
             )
         )
 
     return add
 
 
+def scaling_process(url: str, index: int, n: int, barrier: Any, results: Any) -> None:
+    """One bot process of the scaling run: the concurrent workload on chats of its own, with
+    ``lock="database"``; puts ``(start, end, updates, errors)`` into ``results``."""
+
+    async def run() -> None:
+        storage = SQLAlchemyStorage(url)
+        try:
+            rate, errors = await run_concurrent(
+                session_handlers(storage, lock="database"),
+                n,
+                chats_from=CHAT_ID_BASE + index * CHATS,
+                ready=lambda: barrier.wait(120),
+            )
+        finally:
+            await storage.close()
+        end = time.time()
+        results.put((end - n / rate, end, n, errors))
+
+    asyncio.run(run())
+
+
+async def scaling_rows(url: str, n: int) -> list[list[object]]:
+    """The aggregate updates/s of 1, 2 and 4 processes (see the module docstring)."""
+    spawn = multiprocessing.get_context("spawn")
+    rows: list[list[object]] = []
+    single: float | None = None
+    for processes in (1, 2, 4):
+        await reset_database(url)
+        barrier, results = spawn.Barrier(processes), spawn.Queue()
+        children = [
+            spawn.Process(target=scaling_process, args=(url, i, n, barrier, results))
+            for i in range(processes)
+        ]
+        for child in children:
+            child.start()
+        outcomes = [results.get(timeout=900) for _ in children]
+        for child in children:
+            child.join()
+        start = min(o[0] for o in outcomes)
+        end = max(o[1] for o in outcomes)
+        total = sum(o[2] for o in outcomes)
+        rate = total / (end - start)
+        single = single or rate
+        errors = sum(o[3] for o in outcomes)
+        ratio = f"{rate / single:.2f}x"
+        rows.append([str(processes), f"{total:,}", fmt_rate(rate), ratio, str(errors)])
+        print(f"done: scaling, {processes} processes", file=sys.stderr)
+    await reset_database(url)
+    return rows
+
+
 def chat_data_handlers(app: Application) -> None:  # type: ignore[type-arg]
     app.add_handler(MessageHandler(filters.TEXT, on_chat_data))
 
 
+def _scaling_option(parser: Any) -> None:
+    parser.add_argument(
+        "--scaling", action="store_true", help="also run 1, 2 and 4 processes on PostgreSQL"
+    )
+
+
 async def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__.splitlines()[0], _scaling_option)
     n = 1_000 if args.quick else 5_000
     n_lazy = 2_000 if args.quick else 20_000
     rounds = 1 if args.quick else 5
@@ -318,6 +394,19 @@ async def main() -> None:
             lazy_rows,
         )
     )
+    if args.scaling and "postgresql" in backends:
+        url = backend_url("postgresql", "")
+        rows = await scaling_rows(url, n)
+        print(
+            f"\nScaling: bot processes on one PostgreSQL database, SessionHandler(lock="
+            f'"database"), concurrent_updates({CONCURRENCY}), {n:,} updates per process on '
+            f"{CHATS:,} chats of its own, started together.\n"
+        )
+        print(
+            markdown_table(
+                ["processes", "updates", "aggregate updates/s", "vs 1 process", "errors"], rows
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -53,6 +53,9 @@ class Dialect:
     threaded: ClassVar[bool] = False
     #: Whether :meth:`row_lock` locks anything (several processes share the database).
     row_locks: ClassVar[bool] = True
+    #: Whether one process is normally the database's only user, so that it may keep the
+    #: rows it read or wrote (the sessions' cache is on by default).
+    single_process: ClassVar[bool] = False
 
     # -- the engine ---------------------------------------------------------------------
 
@@ -80,11 +83,12 @@ class Dialect:
         return _C.key.in_(keys)
 
     def lock_versions(
-        self, connection: Connection, namespace: str, keys: Sequence[str]
+        self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
     ) -> dict[str, int]:
-        """The stored versions of ``keys``, locked until the transaction ends."""
+        """The stored versions of ``keys``, locked until the transaction ends. With
+        ``wait=False``, a row locked by another transaction fails the statement at once."""
         query = select(_C.key, _C.version).where(_C.namespace == namespace, self.key_in(keys))
-        result = connection.execute(query.with_for_update())
+        result = connection.execute(query.with_for_update(nowait=not wait))
         return {key: version for key, version in result}
 
     @contextlib.asynccontextmanager
@@ -122,6 +126,7 @@ class _SQLite(Dialect):
     name = "sqlite"
     threaded = True
     row_locks = False  # one writer at a time, and a single process in practice
+    single_process = True
 
     def engine_options(self, timeout: float) -> dict[str, Any]:
         # A file on this machine: no dropped connections to ping for; the driver waits up to
@@ -143,7 +148,7 @@ class _SQLite(Dialect):
         return sqlite.insert(_TABLE).on_conflict_do_nothing().returning(_C.key)
 
     def lock_versions(
-        self, connection: Connection, namespace: str, keys: Sequence[str]
+        self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
     ) -> dict[str, int]:
         # The transaction began with BEGIN IMMEDIATE: the whole database is locked already.
         query = select(_C.key, _C.version).where(_C.namespace == namespace, self.key_in(keys))
@@ -173,11 +178,12 @@ class _PostgreSQL(Dialect):
         return _C.key == any_(bindparam("keys", list(keys), type_=ARRAY(String)))
 
     def lock_versions(
-        self, connection: Connection, namespace: str, keys: Sequence[str]
+        self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
     ) -> dict[str, int]:
         # A join on unnest() keeps the primary-key lookups whatever the statistics of the
         # table (with `key = ANY(...)` a fresh, unanalyzed table is scanned).
-        result = connection.execute(_PG_LOCK_VERSIONS, {"ns": namespace, "keys": list(keys)})
+        statement = _PG_LOCK_VERSIONS if wait else _PG_LOCK_VERSIONS_NOWAIT
+        result = connection.execute(statement, {"ns": namespace, "keys": list(keys)})
         return {key: version for key, version in result}
 
     @contextlib.asynccontextmanager
@@ -259,11 +265,15 @@ class _MySQL(Dialect):
         return super().is_connection_error(exc) or code in (2006, 2013)
 
 
-_PG_LOCK_VERSIONS = text(
+_PG_LOCK_VERSIONS_SQL = (
     f"SELECT t.key, t.version FROM {_TABLE.name} AS t "
     "JOIN unnest(CAST(:keys AS VARCHAR[])) AS wanted(key) ON t.key = wanted.key "
     "WHERE t.namespace = :ns FOR UPDATE OF t"
-).columns(key=String, version=Integer)
+)
+_PG_LOCK_VERSIONS = text(_PG_LOCK_VERSIONS_SQL).columns(key=String, version=Integer)
+_PG_LOCK_VERSIONS_NOWAIT = text(f"{_PG_LOCK_VERSIONS_SQL} NOWAIT").columns(
+    key=String, version=Integer
+)
 
 _DIALECTS: dict[str, Dialect] = {
     "sqlite": _SQLite(),

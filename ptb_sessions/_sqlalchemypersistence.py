@@ -21,6 +21,7 @@ from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
 from ptb_sessions._codec import Codec, JSONCodec, bind_codec, storable_state
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
+from ptb_sessions._groupcommit import GroupCommit
 from ptb_sessions._keytracker import NOTHING, KeyState, KeyTracker, TrackedKey, UpdateHolds
 from ptb_sessions._rowpolicy import DEFAULT_MAX_VALUE_SIZE, RowPolicy
 from ptb_sessions._store import (
@@ -1010,6 +1011,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 keys = await self.database.keys_containing(namespace, old)
                 moves += _session_key_moves(namespace, keys, old, new, prefixes)
             done, skipped = await self.database.move_keys(moves)
+            GroupCommit.of(self.database).clear()  # the sessions' cached rows moved too
             for namespace, old_key, new_key in skipped:
                 _LOGGER.warning(
                     "Chat migration %s -> %s: %s[%r] was not moved because %r already has "

@@ -21,7 +21,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
@@ -52,6 +52,10 @@ DEFAULT_TIMEOUT: Final = 30.0
 _DEADLOCK_RETRIES: Final = 5
 #: How many keys go into one ``IN (...)`` list.
 _CHUNK: Final = 500
+#: Pooled connections left to reads and writes while the others hold row locks.
+_CONNECTIONS_FOR_DATA: Final = 3
+#: ``max_overflow`` of the engines created here (SQLAlchemy's default).
+_POOL_OVERFLOW: Final = 10
 
 
 def new_version() -> int:
@@ -329,8 +333,10 @@ class Database:
     """
 
     __slots__ = (
+        "__weakref__",
         "_dialect",
         "_engine",
+        "_lock_slots",
         "_owns_engine",
         "_ready",
         "_ready_lock",
@@ -363,6 +369,7 @@ class Database:
         self._dialect = dialect_for(self._url.get_backend_name())
         self._statements = _Statements.of(self._dialect)
         self._route_: _Route | None = None
+        self._lock_slots: asyncio.Semaphore | None = None
         self.auto_upgrade = auto_upgrade
         self.clock = clock
         self.timeout = timeout
@@ -381,6 +388,12 @@ class Database:
     def dialect(self) -> str:
         """``sqlite``, ``postgresql``, ``mysql`` or ``mariadb``."""
         return self._url.get_backend_name()
+
+    @property
+    def single_process(self) -> bool:
+        """Whether one process is normally this database's only user (SQLite: a file on this
+        machine), so that it may keep the rows it read or wrote."""
+        return self._dialect.single_process
 
     @property
     def engine(self) -> AsyncEngine:
@@ -659,7 +672,27 @@ class Database:
                 errors[write.where] = exc
         return errors
 
-    async def _apply_batch(self, writes: Sequence[Write]) -> dict[tuple[str, str], StorageError]:
+    async def apply_batch(
+        self, writes: Sequence[Write], *, wait_for_locks: bool = True
+    ) -> dict[tuple[str, str], StorageError]:
+        """Apply ``writes`` in one transaction, checking row versions as :meth:`apply` does,
+        but with no fallback: if the transaction fails, nothing is applied and the error is
+        raised. With ``wait_for_locks=False``, a row locked by another transaction fails the
+        batch at once instead of holding it until the lock is released.
+
+        Returns:
+            The conflicts of the writes that were not applied, by ``(namespace, key)``.
+
+        Raises:
+            StorageError: The transaction failed; nothing was applied.
+        """
+        if not writes:
+            return {}
+        return await self._apply_batch(writes, wait_for_locks=wait_for_locks)
+
+    async def _apply_batch(
+        self, writes: Sequence[Write], *, wait_for_locks: bool = True
+    ) -> dict[tuple[str, str], StorageError]:
         """One transaction of ``writes`` (tried again if it lost a deadlock)."""
         what = (
             f"Writing {writes[0].namespace}[{writes[0].key!r}]"
@@ -669,7 +702,7 @@ class Database:
         for attempt in range(_DEADLOCK_RETRIES):
             try:
                 return await self._run(
-                    what, lambda connection: self._write_batch(connection, writes)
+                    what, lambda connection: self._write_batch(connection, writes, wait_for_locks)
                 )
             except StorageError as exc:
                 if attempt + 1 == _DEADLOCK_RETRIES or not self._dialect.is_deadlock(
@@ -680,13 +713,15 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _write_batch(
-        self, connection: Connection, writes: Sequence[Write]
+        self, connection: Connection, writes: Sequence[Write], wait_for_locks: bool = True
     ) -> dict[tuple[str, str], StorageError]:
         now = self.clock()
         stored: dict[tuple[str, str], int] = {}
         for namespace, keys in _keys_by_namespace(writes).items():
             for chunk in _chunks(keys):
-                locked = self._dialect.lock_versions(connection, namespace, chunk)
+                locked = self._dialect.lock_versions(
+                    connection, namespace, chunk, wait=wait_for_locks
+                )
                 stored.update(((namespace, key), version) for key, version in locked.items())
         errors: dict[tuple[str, str], StorageError] = {}
         deletes: dict[str, list[str]] = {}
@@ -877,6 +912,35 @@ class Database:
             return
         await self.ensure_schema()
         what = f"Locking {namespace}[{key!r}]"
+        slots = self._row_lock_slots()
+        try:
+            await asyncio.wait_for(slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise StorageError(
+                f"Could not lock {namespace}[{key!r}] within {timeout} s on {self.masked_url}: "
+                "every connection for row locks is taken by other updates"
+            ) from None
+        try:
+            async with self._locked(namespace, key, timeout, what):
+                yield
+        finally:
+            slots.release()
+
+    def _row_lock_slots(self) -> asyncio.Semaphore:
+        """How many row locks this process may hold at once: each holds a pooled connection
+        of its own, and the holders' reads and writes must still find one (else they would
+        wait for each other until the deadline)."""
+        if self._lock_slots is None:
+            size = getattr(self.engine.sync_engine.pool, "size", None)
+            overflow = _POOL_OVERFLOW if self._owns_engine else 0  # unknown: none
+            capacity = size() + overflow if callable(size) else 1 << 16  # else: no pool
+            self._lock_slots = asyncio.Semaphore(max(1, capacity - _CONNECTIONS_FOR_DATA))
+        return self._lock_slots
+
+    @contextlib.asynccontextmanager
+    async def _locked(
+        self, namespace: str, key: str, timeout: float, what: str
+    ) -> AsyncIterator[None]:
         try:
             connection = await asyncio.wait_for(self.engine.connect(), self.timeout)
         except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
@@ -907,9 +971,9 @@ class _Route:
     def engines(self) -> tuple[Engine, ...]:
         raise NotImplementedError
 
-    async def run(
+    def run(
         self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool
-    ) -> _T:
+    ) -> Awaitable[_T]:
         raise NotImplementedError
 
     async def dispose(self) -> None:
@@ -961,35 +1025,73 @@ class _AsyncRoute(_Route):
 class _ThreadRoute(_Route):
     """SQLite, a file on this machine: SQLAlchemy's sync engine in one thread of its own,
     so a work function costs one hop to that thread (not one per cursor call, as through
-    aiosqlite), and the event loop never blocks."""
+    aiosqlite), and the event loop never blocks.
 
-    __slots__ = ("_engine", "_executor")
+    The thread keeps its two connections (one for transactions, one in autocommit mode for
+    single statements) open between calls instead of checking one out of the pool each time;
+    a connection on which a call failed is closed and opened again by the next call.
+    """
+
+    __slots__ = ("_autocommit", "_engine", "_executor", "_transactional")
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="ptb_sessions-sqlite")
+        self._autocommit: Connection | None = None
+        self._transactional: Connection | None = None
 
     @property
     def engines(self) -> tuple[Engine, ...]:
         return (self._engine,)
 
-    async def run(
+    def run(
         self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool
-    ) -> _T:
+    ) -> asyncio.Future[_T]:
         call = functools.partial(self._run, work, autocommit=autocommit, read_only=read_only)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+        return asyncio.get_running_loop().run_in_executor(self._executor, call)
 
     def _run(self, work: Callable[[Connection], _T], *, autocommit: bool, read_only: bool) -> _T:
-        with self._engine.connect() as connection:
+        if autocommit:
+            connection = self._autocommit
+            if connection is None:
+                connection = self._autocommit = self._engine.connect()
+                connection.execution_options(**{AUTOCOMMIT_OPTION: True})
+        else:
+            connection = self._transactional
+            if connection is None:
+                connection = self._transactional = self._engine.connect()
+        try:
             if autocommit:
-                return work(connection.execution_options(**{AUTOCOMMIT_OPTION: True}))
-            if read_only:
-                connection.execution_options(ptb_sessions_read_only=True)
+                # The driver commits every statement itself (see _sqlite_on_begin): the
+                # transaction that SQLAlchemy began on this connection stays open and empty.
+                return work(connection)
+            connection.execution_options(ptb_sessions_read_only=read_only)
             with connection.begin():
                 return work(connection)
+        except BaseException:
+            self._drop(connection)
+            raise
+
+    def _drop(self, connection: Connection) -> None:
+        if connection is self._autocommit:
+            self._autocommit = None
+        elif connection is self._transactional:
+            self._transactional = None
+        with contextlib.suppress(Exception):
+            connection.invalidate()
+        with contextlib.suppress(Exception):
+            connection.close()
+
+    def _close(self) -> None:
+        for connection in (self._autocommit, self._transactional):
+            if connection is not None:
+                with contextlib.suppress(Exception):
+                    connection.close()
+        self._autocommit = self._transactional = None
+        self._engine.dispose()
 
     async def dispose(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.dispose)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=False)
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ptb_sessions._codec import Codec
+from ptb_sessions._groupcommit import GroupCommit
 from ptb_sessions._rowpolicy import DEFAULT_MAX_VALUE_SIZE, RowPolicy
 from ptb_sessions._store import ANY_VERSION, Database, check_key
 from ptb_sessions._url import DEFAULT_URL
@@ -115,15 +116,17 @@ class SQLAlchemyStorage:
         """
         check_key(self.namespace, key)
         policy = self.policy
-        record = await self.database.get(self.namespace, key)
+        group = GroupCommit.of(self.database)
+        record = await group.read(self.namespace, key)
         opened = None if record is None else policy.open(record, self.namespace, key)
         if record is None or opened is None:
             if record is not None:
+                group.forget(self.namespace, key)
                 await self.database.delete_if_expired(self.namespace, key, now=policy.clock())
             self._reads.remember(key, (None, False))
             return None
         if opened.touch:
-            await self.database.touch(self.namespace, [key], policy.expires_at())
+            await group.touch(self.namespace, key, policy.expires_at())
         self._reads.remember(key, (record.version, opened.migrated))
         return opened.value
 
@@ -144,7 +147,7 @@ class SQLAlchemyStorage:
         check_key(self.namespace, key)
         write = self.policy.write(self.namespace, key, value)
         write.expected_version = self._expected_version(key)
-        await self.database.write_one(write)
+        await GroupCommit.of(self.database).write(write)
 
     async def delete(self, key: str) -> None:
         """Delete the value of ``key``, if any.
@@ -155,7 +158,7 @@ class SQLAlchemyStorage:
         check_key(self.namespace, key)
         write = self.policy.delete(self.namespace, key)
         write.expected_version = self._expected_version(key)
-        await self.database.write_one(write)
+        await GroupCommit.of(self.database).write(write)
 
     def _expected_version(self, key: str) -> int | None:
         """The version this task read for ``key`` (forgotten now), or :data:`ANY_VERSION`."""
@@ -187,8 +190,10 @@ class SQLAlchemyStorage:
     @contextlib.asynccontextmanager
     async def lock(self, key: str) -> AsyncIterator[None]:
         """Hold a database lock on ``key`` (PostgreSQL, MariaDB, MySQL) so that several bot
-        processes take turns; used by ``SessionHandler(lock="database")``."""
+        processes take turns; used by ``SessionHandler(lock="database")``. Under the lock,
+        the key is read from the database, never from this process's cache."""
         async with self.database.row_lock(self.namespace, key):
+            GroupCommit.of(self.database).forget(self.namespace, key)
             yield
 
     async def close(self) -> None:
