@@ -56,6 +56,8 @@ _TABLE: Table = cast(Table, StoredJob.__table__)
 _C = _TABLE.c
 #: How many rows go into one statement.
 _CHUNK: Final = 100
+#: How many job changes one transaction writes (see ``DatabaseJobStore._write_pending``).
+_WRITE_PART: Final = 1000
 #: How many due runs are claimed in one transaction.
 _CLAIMS_PER_TRANSACTION: Final = 200
 #: Seconds before a failed write or claim is tried again.
@@ -555,20 +557,30 @@ class DatabaseJobStore(BaseJobStore):  # type: ignore[misc]
         )
 
     async def _write_pending(self) -> None:
+        """Write the pending job changes, one transaction per ``_WRITE_PART`` jobs, so the
+        event loop runs between them however many jobs were scheduled at once (each job's row
+        stands alone: a part written is written)."""
         batch, self._pending = self._pending, {}
         ids = list(batch)
-        rows = [row for row in batch.values() if row is not None]
-        try:
-            await self.database.run(f"Writing {len(batch)} job changes", _replace_rows(ids, rows))
-        except StorageError as exc:
-            for job_id, row in batch.items():  # kept; newer changes win
-                self._pending.setdefault(job_id, row)
-            self._retry_at = time.monotonic() + _RETRY_AFTER
-            _LOGGER.error("%d job changes are kept for the next try: %s", len(batch), exc)
-            return
-        for job_id, row in batch.items():
-            if job_id in self._jobs and job_id not in self._pending:
-                self._stored_next[job_id] = None if row is None else row.next_run_at
+        for start in range(0, len(ids), _WRITE_PART):
+            part = ids[start : start + _WRITE_PART]
+            rows = [row for job_id in part if (row := batch[job_id]) is not None]
+            try:
+                await self.database.run(
+                    f"Writing {len(part)} job changes", _replace_rows(part, rows)
+                )
+            except StorageError as exc:
+                for job_id in ids[start:]:  # kept; newer changes win
+                    self._pending.setdefault(job_id, batch[job_id])
+                self._retry_at = time.monotonic() + _RETRY_AFTER
+                _LOGGER.error(
+                    "%d job changes are kept for the next try: %s", len(ids) - start, exc
+                )
+                return
+            for job_id in part:
+                if job_id in self._jobs and job_id not in self._pending:
+                    row = batch[job_id]
+                    self._stored_next[job_id] = None if row is None else row.next_run_at
         self._wake.set()  # look for due jobs again: they were held back while unwritten
 
     def _due_now(self, now: float) -> list[APSJob]:
