@@ -91,7 +91,7 @@ def session_prefixes(application: Application[Any, Any, Any, Any, Any, Any]) -> 
     while stack:
         handler = stack.pop()
         if isinstance(handler, SessionHandler):
-            prefixes.update(spec.prefix for spec in handler._specs)
+            prefixes.update(handler.key_prefixes)
         states = getattr(handler, "states", None)
         if isinstance(states, dict):  # ConversationHandler: SessionHandlers in its states
             for handlers in states.values():

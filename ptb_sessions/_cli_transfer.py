@@ -151,9 +151,7 @@ async def _count(connection: AsyncConnection, query: Any, deadline: Deadline, wh
 async def _write_lines(
     database: Database, file: TextIO, name: str, deadline: Deadline
 ) -> Transferred:
-    namespace, key = _C.namespace, _C.key
-    if database.dialect == "postgresql":  # code point order, whatever the database's collation
-        namespace, key = namespace.collate("C"), key.collate("C")  # type: ignore[assignment]
+    namespace, key = database.code_point_order(_C.namespace), database.code_point_order(_C.key)
     rows_query = select(*(_C[field] for field in FIELDS)).order_by(namespace, key)
     written = {"rows": 0, "jobs": 0}
     with progress_bar() as bar:

@@ -42,6 +42,12 @@ def _lock_id(name: str) -> int:
     return (zlib.crc32(raw) | (zlib.adler32(raw) << 32)) - (1 << 63)
 
 
+#: Connections the pool of a server engine created by the package keeps open.
+POOL_SIZE: Final = 15
+#: Connections it may open beyond those, closed again when returned.
+POOL_OVERFLOW: Final = 0
+
+
 class Dialect:
     """The SQL of one backend. Subclasses override what differs; nothing else in the package
     asks which backend it talks to."""
@@ -63,7 +69,9 @@ class Dialect:
         """Keyword arguments of :func:`~sqlalchemy.ext.asyncio.create_async_engine`."""
         # No pre-ping (a round trip per checkout): a statement on a connection that died (a
         # server restart) fails as "invalidated", which Database retries once on a fresh one.
-        return {"pool_recycle": 1800, "pool_size": 15, "max_overflow": 0}
+        # A pool that keeps its connections: under many concurrent updates, overflow
+        # connections were closed and reopened at every return.
+        return {"pool_recycle": 1800, "pool_size": POOL_SIZE, "max_overflow": POOL_OVERFLOW}
 
     def prepare_engine(self, engine: Engine) -> None:
         """Install event listeners on an engine created by the package."""
@@ -81,6 +89,10 @@ class Dialect:
     def key_in(self, keys: Sequence[str]) -> Any:
         """The condition ``key IN (keys)``."""
         return _C.key.in_(keys)
+
+    def code_point_order(self, column: Any) -> Any:
+        """``column`` for ``ORDER BY`` in code point order, whatever the collation."""
+        return column
 
     def lock_versions(
         self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
@@ -162,6 +174,9 @@ class _SQLite(Dialect):
 class _PostgreSQL(Dialect):
     __slots__ = ()
     name = "postgresql"
+
+    def code_point_order(self, column: Any) -> Any:
+        return column.collate("C")
 
     def upsert(self) -> Any:
         stmt = postgresql.insert(_TABLE)

@@ -365,6 +365,11 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         return None if self._multi else self._specs[0].storage
 
     @property
+    def key_prefixes(self) -> frozenset[str]:
+        """frozenset[:obj:`str`]: The key prefixes of the session, or of each fragment."""
+        return frozenset(spec.prefix for spec in self._specs)
+
+    @property
     def lock(self) -> str:
         """:obj:`str`: ``"process"`` or ``"database"``."""
         return self._lock

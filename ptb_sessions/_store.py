@@ -32,7 +32,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ptb_sessions import _alembic
-from ptb_sessions._dialects import AUTOCOMMIT_OPTION, Dialect, dialect_for
+from ptb_sessions._dialects import AUTOCOMMIT_OPTION, POOL_OVERFLOW, Dialect, dialect_for
 from ptb_sessions._errors import ConflictError, SchemaError, StorageError
 from ptb_sessions._schema import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, StoredRow
 from ptb_sessions._url import mask_secrets, mask_url, to_async_url
@@ -54,8 +54,6 @@ _DEADLOCK_RETRIES: Final = 5
 _CHUNK: Final = 500
 #: Pooled connections left to reads and writes while the others hold row locks.
 _CONNECTIONS_FOR_DATA: Final = 3
-#: ``max_overflow`` of the engines created here (SQLAlchemy's default).
-_POOL_OVERFLOW: Final = 10
 
 
 def new_version() -> int:
@@ -388,6 +386,10 @@ class Database:
     def dialect(self) -> str:
         """``sqlite``, ``postgresql``, ``mysql`` or ``mariadb``."""
         return self._url.get_backend_name()
+
+    def code_point_order(self, column: Any) -> Any:
+        """``column`` for ``ORDER BY`` in code point order, whatever the database's collation."""
+        return self._dialect.code_point_order(column)
 
     @property
     def single_process(self) -> bool:
@@ -932,7 +934,7 @@ class Database:
         wait for each other until the deadline)."""
         if self._lock_slots is None:
             size = getattr(self.engine.sync_engine.pool, "size", None)
-            overflow = _POOL_OVERFLOW if self._owns_engine else 0  # unknown: none
+            overflow = POOL_OVERFLOW if self._owns_engine else 0  # unknown: none
             capacity = size() + overflow if callable(size) else 1 << 16  # else: no pool
             self._lock_slots = asyncio.Semaphore(max(1, capacity - _CONNECTIONS_FOR_DATA))
         return self._lock_slots

@@ -350,11 +350,6 @@ async def _check_namespace(database: Database, namespace: str, deadline: Deadlin
         )
 
 
-def _ordered(column: Any, dialect: str) -> Any:
-    """``column`` in code point order, whatever the database's collation."""
-    return column.collate("C") if dialect == "postgresql" else column
-
-
 async def _list_keys(
     database: Database, namespace: str, prefix: str, limit: int | None, deadline: Deadline
 ) -> tuple[list[str], int]:
@@ -363,7 +358,7 @@ async def _list_keys(
     where = [_C.namespace == namespace]
     if prefix:
         where.append(_C.key.startswith(prefix, autoescape=True))
-    query = select(_C.key).where(*where).order_by(_ordered(_C.key, database.dialect))
+    query = select(_C.key).where(*where).order_by(database.code_point_order(_C.key))
     if limit is not None:
         query = query.limit(limit)
 

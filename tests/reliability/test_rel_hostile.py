@@ -133,9 +133,13 @@ async def test_hostile_chat_data_rows_fail_for_their_key_only(
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["strict", "lazy"])
 async def test_hostile_session_rows_fail_for_their_key_only(fresh_db_url: str, lazy: bool) -> None:
-    persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(fresh_db_url)
+    persistences: list[SQLAlchemyPersistence[Any, Any, Any]] = []
 
     def make_app() -> Any:
+        # a new persistence each time: the rows are corrupted while the bot is stopped (a
+        # running bot's session cache would still hold the rows as it wrote them)
+        persistence: SQLAlchemyPersistence[Any, Any, Any] = SQLAlchemyPersistence(fresh_db_url)
+        persistences.append(persistence)
         app = builder().build()
         app.add_handler(counter_handler(persistence.storage(), lazy=lazy, migrations=MIGRATIONS))
         return app, collect_errors(app)
@@ -145,6 +149,7 @@ async def test_hostile_session_rows_fail_for_their_key_only(fresh_db_url: str, l
         async with app:
             await process(app, *(message_update(chat) for chat in CHATS))
         assert errors == []
+        await persistences[-1].flush()
         before = await corrupt(fresh_db_url, "session")
         app, errors = make_app()
         async with app:
@@ -156,4 +161,5 @@ async def test_hostile_session_rows_fail_for_their_key_only(fresh_db_url: str, l
             assert after[str(key)] == before[str(key)], "a bad row was overwritten"
         assert {k: json.loads(after[str(k)][1])["n"] for k in GOOD} == {1: 2, 7: 2}
     finally:
-        await persistence.flush()
+        for persistence in persistences:
+            await persistence.flush()
