@@ -220,22 +220,6 @@ class RowPolicy:
         versions = None if self.migrations is None else [v for v, _ in self.migrations]
         return f"RowPolicy({self.codec.name!r}, ttl={self.ttl!r}, migrations={versions!r})"
 
-    def replace(
-        self,
-        *,
-        ttl: float | None,
-        migrations: Mapping[float, Migration] | None,
-        clock: Callable[[], float],
-    ) -> RowPolicy:
-        """This policy with another ttl, migrations and clock (same codec and size limit)."""
-        return RowPolicy(
-            self.codec,
-            max_value_size=self.max_value_size,
-            ttl=ttl,
-            migrations=migrations,
-            clock=clock,
-        )
-
     # -- time ------------------------------------------------------------------------------
 
     @property

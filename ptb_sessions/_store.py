@@ -816,15 +816,11 @@ class Database:
         )
         await self._run(f"Refreshing the expiry of {namespace}", _rowcount(statement))
 
-    async def delete_if_expired(
-        self, namespace: str, key: str, *, now: float | None = None
-    ) -> bool:
-        """Delete the row of ``key`` if it has expired by ``now`` (the policy's clock; the
-        database's by default). Whether it was deleted."""
+    async def delete_if_expired(self, namespace: str, key: str, *, now: float) -> bool:
+        """Delete the row of ``key`` if it has expired by ``now`` (the clock of the policy
+        that decided it expired). Whether it was deleted."""
         statement = delete(_TABLE).where(
-            _C.namespace == namespace,
-            _C.key == key,
-            _C.expires_at < (self.clock() if now is None else now),
+            _C.namespace == namespace, _C.key == key, _C.expires_at < now
         )
         count = await self._run(
             f"Deleting the expired {namespace}[{key!r}]", _rowcount(statement), autocommit=True

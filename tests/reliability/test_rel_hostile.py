@@ -149,7 +149,7 @@ async def test_hostile_session_rows_fail_for_their_key_only(fresh_db_url: str, l
         async with app:
             await process(app, *(message_update(chat) for chat in CHATS))
         assert errors == []
-        await persistences[-1].flush()
+        await persistences.pop().flush()
         before = await corrupt(fresh_db_url, "session")
         app, errors = make_app()
         async with app:
