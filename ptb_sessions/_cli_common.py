@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dtm
 import re
 import sys
 from collections.abc import Awaitable
@@ -50,6 +51,7 @@ __all__ = [
     "require_migrated",
     "stderr_console",
     "stdout_console",
+    "utc_time",
 ]
 
 _T = TypeVar("_T")
@@ -287,3 +289,12 @@ async def require_head(database: Database) -> str:
     if current != _alembic.head_revision():
         raise _not_at_head(database, current)
     return current
+
+
+def utc_time(seconds: float | None, missing: str) -> str:
+    """``seconds`` since the epoch as an ISO 8601 UTC time (``2026-12-01T09:00:00Z``), or
+    ``missing`` for :obj:`None`."""
+    if seconds is None:
+        return missing
+    moment = dtm.datetime.fromtimestamp(seconds, dtm.timezone.utc)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -12,7 +12,6 @@ stored run to claim). Nothing here imports a stored callback or decodes a job's 
 from __future__ import annotations
 
 import argparse
-import datetime as dtm
 import json
 import math
 import sys
@@ -34,6 +33,7 @@ from ptb_sessions._cli_common import (
     open_database,
     require_head,
     stdout_console,
+    utc_time,
 )
 from ptb_sessions._schema import MAX_JOB_ID_LENGTH, StoredJob
 
@@ -91,13 +91,6 @@ def add_jobs_parser(commands: Any) -> None:
         "runs again, in any process.",
     )
     remove.add_argument("job_id", metavar="ID")
-
-
-def _when(seconds: float | None) -> str:
-    if seconds is None:
-        return "paused"
-    moment = dtm.datetime.fromtimestamp(seconds, dtm.timezone.utc)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def describe_trigger(text: str) -> str:
@@ -158,7 +151,7 @@ async def _list(url: URL, deadline: Deadline) -> int:
             _cell(row.name),
             _cell(row.callback),
             _cell(describe_trigger(row.trigger)),
-            _cell(_when(row.next_run_at)),
+            _cell(utc_time(row.next_run_at, "paused")),
             _cell(row.chat_id),
             _cell(row.user_id),
             _cell("yes" if row.enabled else "no"),

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dtm
 import json
 import logging
 import os
@@ -71,6 +70,7 @@ from ptb_sessions._cli_common import (
     require_head,
     stderr_console,
     stdout_console,
+    utc_time,
 )
 from ptb_sessions._cli_jobs import add_jobs_parser
 from ptb_sessions._cli_pickle import import_pickle
@@ -133,13 +133,6 @@ def _add(commands: Any, name: str, summary: str, description: str) -> argparse.A
 
 
 # -- output helpers -----------------------------------------------------------------------
-
-
-def _when(seconds: float | None) -> str:
-    if seconds is None:
-        return "never"
-    moment = dtm.datetime.fromtimestamp(seconds, dtm.timezone.utc)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _size(count: int) -> str:
@@ -501,7 +494,8 @@ async def _show(url: URL, args: argparse.Namespace, deadline: Deadline) -> int:
         )
     )
     out.print(
-        f"written or loaded {_when(record.touched_at)}, expires {_when(record.expires_at)}"
+        f"written or loaded {utc_time(record.touched_at, 'never')}, "
+        f"expires {utc_time(record.expires_at, 'never')}"
         + (" (expired: never returned, deleted by purge-expired)" if expired else "")
     )
     if args.raw:
