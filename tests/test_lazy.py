@@ -92,19 +92,19 @@ async def test_lazy_start_reads_no_chat_row(db_url: str) -> None:
 
 
 async def test_max_cached_bounds_memory_and_evicted_chats_come_back(db_url: str) -> None:
-    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, max_cached=1000)
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, max_cached=250)
     app, errors = counting_app(persistence)
     async with app:
-        for start in range(1, 10_001, 1000):
-            await process(app, *(message_update(chat) for chat in range(start, start + 1000)))
+        for start in range(1, 2_501, 250):
+            await process(app, *(message_update(chat) for chat in range(start, start + 250)))
             await app.update_persistence()
-        assert len(app.chat_data) <= 1000
-        evicted = set(range(1, 10_001)) - set(app.chat_data)
-        assert len(evicted) >= 9000
+        assert len(app.chat_data) <= 250
+        evicted = set(range(1, 2_501)) - set(app.chat_data)
+        assert len(evicted) >= 2_250
         await process(app, message_update(5))
         assert 5 in evicted and app.chat_data[5] == {"n": 2}
     stored = await stored_chats(db_url)
-    assert len(stored) == 10_000
+    assert len(stored) == 2_500
     assert all(stored[chat] == {"n": 1} for chat in evicted if chat != 5)
     assert stored[5] == {"n": 2}
     assert errors == []

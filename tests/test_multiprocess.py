@@ -29,7 +29,7 @@ from conftest import server_url
 from ptb_sessions import SQLAlchemyStorage
 
 SCRIPT = Path(__file__).parent / "_multiprocess_bot.py"
-UPDATES = 1_000  # per process
+UPDATES = 500  # per process
 CHAT_ID = -1001
 TIMEOUT = 120  # seconds for one run of both processes; it takes a few seconds
 

@@ -2,7 +2,8 @@
 virtual environment (``pip install . && ptb-sessions demo``), and the installed
 ``ptb-sessions`` command migrating SQLite and a new PostgreSQL database outside the checkout.
 
-One environment serves every test of this module (module-scoped fixture). The dependencies
+One environment serves every test of this module (a session-scoped fixture: built once, even
+when pytest-xdist runs other modules' tests between this module's). The dependencies
 come from the configured package index (pip's cache is reused). Every command in README.rst is
 run here (the deployment lines with the test database for their example URL), except the test
 command, which ``.ci/run`` runs as written.
@@ -62,7 +63,7 @@ def _check(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProc
     return result
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel, built from a copy of the checkout (the checkout itself stays untouched)."""
     work = tmp_path_factory.mktemp("wheel")
@@ -117,7 +118,7 @@ def _shell(command: str, venv: Path, cwd: Path) -> subprocess.CompletedProcess[s
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def readme_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
     """The README's first command, as written, in a copy of the checkout with a fresh virtual
     environment activated: ``(venv, checkout copy, its output)``."""
@@ -130,7 +131,7 @@ def readme_install(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     return venv, source, result.stdout
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def command(readme_install: tuple[Path, Path, str]) -> Path:
     """The ``ptb-sessions`` script that the README's ``pip install .`` installed."""
     venv = readme_install[0]

@@ -26,7 +26,10 @@ from ptb_sessions._schema import StoredJob
 BOT = Path(__file__).with_name("jobs_bot.py")
 PROCESSES = 3
 INTERVAL = 0.5
-WINDOW = 10.0
+WINDOW = 5.0
+#: Seconds from the bots being ready to the first run, and from the last run to their stop.
+LEAD = 2.0
+TAIL = 3.0
 
 
 def _app(url: str) -> Any:
@@ -73,7 +76,7 @@ async def test_three_processes_run_each_due_run_exactly_once(db_url: str, tmp_pa
             assert time.monotonic() < deadline, "the bots did not start"
             assert all(bot.poll() is None for bot in bots), [b.communicate() for b in bots]
             time.sleep(0.05)  # noqa: ASYNC251  (nothing else runs on this loop meanwhile)
-        first = dtm.datetime.now(dtm.timezone.utc) + dtm.timedelta(seconds=5)
+        first = dtm.datetime.now(dtm.timezone.utc) + dtm.timedelta(seconds=LEAD)
         last = first + dtm.timedelta(seconds=WINDOW)
         assert seeder.job_queue is not None
         seeder.job_queue.run_repeating(
@@ -88,7 +91,7 @@ async def test_three_processes_run_each_due_run_exactly_once(db_url: str, tmp_pa
         )
         await seeder.shutdown()  # writes the job
         assert len(await _stored_ids(db_url)) == 1
-        until = last.timestamp() + 5
+        until = last.timestamp() + TAIL
         until_file.write_text(str(until))
         go.touch()
         outputs = [bot.communicate(timeout=120) for bot in bots]
