@@ -153,18 +153,65 @@ class LazySession(Generic[T]):
     :class:`~ptb_sessions.SessionContext`, whose ``session`` keeps returning it).
     """
 
-    __slots__ = ("_cell",)
+    # An untouched single session costs this one object: its cell, and the key function call,
+    # come on first use. The object is also that session's Binding (used by SessionHandler).
+    __slots__ = ("_cell", "_locks", "_spec", "_update")
 
-    def __init__(self, cell: Cell) -> None:
+    def __init__(self, spec: Spec, update: object, cell: Cell | None = None) -> None:
+        self._spec = spec
+        self._update = update
         self._cell = cell
+        self._locks = True  # whether the first use takes the key's locks
+
+    def _use(self) -> Cell:
+        cell = self._cell
+        if cell is None:
+            cell = self._cell = Cell(self._spec, self._update, facade=self, locks=self._locks)
+        return cell
 
     def __await__(self) -> Generator[Any, None, T]:
-        return cast(Generator[Any, None, T], self._cell.resolve().__await__())
+        return cast(Generator[Any, None, T], self._use().resolve().__await__())
 
     def __repr__(self) -> str:
-        cell = self._cell
+        cell = self._use()
         state = "read" if cell.state == _READY else "not read"
         return f"<LazySession key={cell.key!r} ({state})>"
+
+    # --- the Binding of a single lazy session ----------------------------------------------
+
+    def get(self) -> Any:
+        """:meth:`Binding.get` (for :class:`~ptb_sessions.SessionHandler`)."""
+        return self._use().get()
+
+    def set(self, value: Any) -> None:
+        """:meth:`Binding.set` (for :class:`~ptb_sessions.SessionHandler`)."""
+        self._use().set(value)
+
+    def public(self) -> Any:
+        """:meth:`Binding.public` (for :class:`~ptb_sessions.SessionHandler`)."""
+        return self
+
+    def adopt(self, value: Any) -> None:
+        """:meth:`Binding.adopt` (for :class:`~ptb_sessions.SessionHandler`)."""
+        if value is not self:
+            self._use().adopt(value)
+
+    def save(self) -> Awaitable[None] | None:
+        """:meth:`Binding.save` (for :class:`~ptb_sessions.SessionHandler`): :obj:`None` if
+        the session was not used."""
+        cell = self._cell
+        return None if cell is None else cell.save()
+
+    def open(self) -> Awaitable[None] | None:
+        """:meth:`Binding.open` (for :class:`~ptb_sessions.SessionHandler`): nothing, a lazy
+        session is read when awaited."""
+        return None
+
+    def close(self) -> Awaitable[None] | None:
+        """:meth:`Binding.close` (for :class:`~ptb_sessions.SessionHandler`)."""
+        self._locks = False  # a later first use (e.g. from a task) takes no lock
+        cell = self._cell
+        return None if cell is None else cell.close()
 
 
 class _NoKeySession:
@@ -218,11 +265,12 @@ class Cell:
     write (:meth:`load`, :meth:`execute`) it acquires its key in the per-key lock table if
     ``need_lock`` and enters the storage's ``lock(key)`` if ``db_pending``; :meth:`unlock`
     gives them back. A strict session loads at once, so it holds them from load to save; a
-    lazy session that is never used takes none. (The handler of a multi session takes the
-    per-key locks of all its cells up front instead.)
+    lazy session that is never used takes none. (A :class:`MultiBinding` takes the per-key
+    locks of all its cells up front instead.)
 
-    A single session's cell is its own binding (see :class:`Binding`); a lazy cell makes its
-    :class:`LazySession`.
+    A strict single session's cell is its own binding (see :class:`Binding`). A lazy single
+    session's :class:`LazySession` makes its cell on first use; a lazy fragment's cell makes
+    its :class:`LazySession`.
     """
 
     __slots__ = (
@@ -245,7 +293,9 @@ class Cell:
         "waiter",
     )
 
-    def __init__(self, spec: Spec, update: object) -> None:
+    def __init__(
+        self, spec: Spec, update: object, *, facade: Any = None, locks: bool = True
+    ) -> None:
         self.spec = spec
         self.update = update
         # The key: ``prefix + key_fn(update)``, or None if the update has none. A key that is
@@ -266,9 +316,12 @@ class Cell:
         self.pending: Awaitable[Any] | None = None
         self.previous: Any = None  # (state, value, pending, previous) before an awaitable
         self.waiter: asyncio.Future[None] | None = None
-        self.facade: Any = LazySession(self) if spec.lazy and key is not None else None
-        self.need_lock = key is not None  # whether to acquire the key lock on first use
-        self.db_pending = spec.db_lock and key is not None  # and enter storage.lock(key)
+        if facade is None and spec.lazy and key is not None:
+            facade = LazySession(spec, update, self)
+        self.facade: Any = facade
+        # whether to acquire the key lock on first use, and to enter storage.lock(key)
+        self.need_lock = locks and key is not None
+        self.db_pending = locks and spec.db_lock and key is not None
         self.lock_key: _sessionlock.LockKey | None = None  # the acquired key lock ...
         self.entry: Any = None  # ... and its entry in the lock table
         self.db_lock: AbstractAsyncContextManager[Any] | None = None  # entered, to exit
@@ -314,6 +367,19 @@ class Cell:
         if entry is not None:
             self.entry = None
             _sessionlock.release(cast(_sessionlock.LockKey, self.lock_key), entry)
+
+    def open(self) -> Awaitable[None] | None:
+        """The load of a strict single session, under its locks (see :class:`Binding`); a lazy
+        one, or one without a key, loads nothing."""
+        return None if self.key is None or self.spec.lazy else self.load()
+
+    def close(self) -> Awaitable[None] | None:
+        """After the update: a later use (e.g. from a task) takes no lock; the unlock, if this
+        cell holds a lock (see :class:`Binding`)."""
+        self.need_lock = self.db_pending = False
+        if self.entry is None and self.db_lock is None:
+            return None
+        return self.unlock()
 
     # --- loading -------------------------------------------------------------------------
 
@@ -530,8 +596,20 @@ class _MultiSession:
 
 
 class Binding(Protocol):
-    """The session of one update and how ``context.session`` shows it: a single session's
-    :class:`Cell`, or a :class:`MultiBinding`."""
+    """The session of one update and how ``context.session`` shows it: a strict single
+    session's :class:`Cell`, a lazy single session's :class:`LazySession`, or a
+    :class:`MultiBinding`.
+
+    :class:`~ptb_sessions.SessionHandler` awaits :meth:`open` before the handler,
+    :meth:`save` after it and :meth:`close` at the end, each only if it returned an awaitable
+    (most updates need no coroutine for them).
+    """
+
+    def open(self) -> Awaitable[None] | None:
+        """Take the locks and load what must be loaded before the handler, if anything."""
+
+    def close(self) -> Awaitable[None] | None:
+        """Give back every lock taken; a later use (from a task) takes none."""
 
     def get(self) -> Any:
         """``context.session`` as a :class:`~ptb_sessions.SessionContext` returns it."""
@@ -545,19 +623,60 @@ class Binding(Protocol):
     def adopt(self, value: Any) -> None:
         """Take over what the handler left in ``context.session`` of a plain context."""
 
-    async def save(self) -> None:
-        """Write back (or delete) the values whose encoding changed."""
+    def save(self) -> Awaitable[None] | None:
+        """The write-back (or delete) of the values whose encoding changed, to await;
+        :obj:`None` if there is nothing to save (a lazy session that was never used)."""
 
 
 class MultiBinding:
     """The :class:`Binding` of a multi session: one cell per fragment."""
 
-    __slots__ = ("cells", "facade")
+    __slots__ = ("cells", "facade", "heads")
 
     def __init__(self, cells: Sequence[Cell]) -> None:
         self.cells = cells
         named = {cast(str, cell.spec.name): cell for cell in cells}
         self.facade = _MultiSession(named)
+        # The per-key locks of all its keys are taken up front, in a fixed order (two updates
+        # that used their fragments in opposite orders could otherwise wait for each other
+        # forever); so are the database locks of the strict fragments, while a lazy fragment
+        # enters its own when it is first used. ``heads``: (cell that locks, lock eagerly).
+        groups: dict[tuple[int, str, str], list[Cell]] = {}
+        for cell in cells:
+            if cell.key is not None:
+                groups.setdefault((*cell.spec.lock_id, cell.key), []).append(cell)
+                cell.need_lock = False  # taken by open()
+        self.heads: list[tuple[Cell, bool]] = []
+        for lock_key in sorted(groups):
+            head, *others = groups[lock_key]
+            for other in others:  # keys that collide: the head takes the locks for all
+                other.db_pending = False
+            self.heads.append((head, bool(others) or not head.spec.lazy))
+
+    async def open(self) -> None:
+        """Take the per-key locks of all keys, the database locks of the strict fragments, and
+        load the strict fragments."""
+        for head, _ in self.heads:
+            await head.acquire()
+        for head, eager in self.heads:
+            if eager and head.db_pending:
+                await head.lock()
+        for cell in self.cells:
+            if cell.key is not None and not cell.spec.lazy:
+                await cell.load()
+
+    async def close(self) -> None:
+        """Give back every lock (all of them, even if one fails; then raise its error)."""
+        for cell in self.cells:
+            cell.db_pending = False  # a later use (from a task) locks nothing
+        error: BaseException | None = None
+        for head, _ in reversed(self.heads):
+            try:
+                await head.unlock()
+            except BaseException as exc:  # unlock the others, then raise
+                error = error or exc
+        if error is not None:
+            raise error
 
     def get(self) -> Any:
         return self.facade

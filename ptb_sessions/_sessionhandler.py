@@ -412,106 +412,63 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         Returns:
             The wrapped handler's result (a new state inside a ConversationHandler).
         """
+        # One body for every kind of session, kept short: it runs for every update (see
+        # bench/sessions.py). A lazy session is one small object that takes its locks only
+        # when first used, so an untouched one costs no lock, no I/O and no key function call.
         spec = self._single
+        binding: Binding
         if spec is None:
-            return await self._handle_multi(update, application, check_result, context)
-        # The single session, kept short: this runs for every update (see bench/sessions.py).
-        # A strict session is read, under its locks, before the handler; a lazy one takes its
-        # locks only when first used, so an untouched one costs no lock and no I/O.
-        cell = Cell(spec, update)
+            binding = MultiBinding([Cell(fragment, update) for fragment in self._specs])
+        elif spec.lazy:
+            binding = LazySession(spec, update)
+        else:
+            binding = Cell(spec, update)
         try:
-            if not spec.lazy and cell.key is not None:
-                await cell.load()
-            # the cell is its own Binding; its save() does nothing for an untouched session
-            return await self._run(update, application, check_result, context, cell)
-        finally:
-            cell.need_lock = cell.db_pending = False  # a later use (from a task) locks nothing
-            if cell.entry is not None or cell.db_lock is not None:
-                await cell.unlock()
-
-    async def _handle_multi(
-        self,
-        update: Update,
-        application: Application[Any, CCT, Any, Any, Any, Any],
-        check_result: tuple[BaseHandler[Any, CCT, Any], object],
-        context: CCT,
-    ) -> object:
-        """:meth:`handle_update` of a multi session. The per-key locks of all its keys are
-        taken up front, in a fixed order (two updates that used their fragments in opposite
-        orders could otherwise wait for each other forever); so are the database locks of the
-        strict fragments, while a lazy fragment enters its own when it is first used."""
-        cells = [Cell(spec, update) for spec in self._specs]
-        groups: dict[tuple[int, str, str], list[Cell]] = {}
-        for cell in cells:
-            if cell.key is not None:
-                groups.setdefault((*cell.spec.lock_id, cell.key), []).append(cell)
-                cell.need_lock = False  # taken below
-        heads: list[tuple[Cell, bool]] = []
-        for lock_key in sorted(groups):
-            head, *others = groups[lock_key]
-            for other in others:  # keys that collide: the head takes the locks for all
-                other.db_pending = False
-            heads.append((head, bool(others) or not head.spec.lazy))
-        try:
-            for head, _ in heads:
-                await head.acquire()
-            for head, eager in heads:
-                if eager and head.db_pending:
-                    await head.lock()
-            for cell in cells:
-                if cell.key is not None and not cell.spec.lazy:
-                    await cell.load()
-            return await self._run(update, application, check_result, context, MultiBinding(cells))
-        finally:
-            for cell in cells:
-                cell.db_pending = False  # a later use (from a task) locks nothing
-            error: BaseException | None = None
-            for head, _ in reversed(heads):
+            opening = binding.open()
+            if opening is not None:
+                await opening
+            handler, check = check_result
+            if isinstance(context, SessionContext):
+                token = current_binding.set(binding)
                 try:
-                    await head.unlock()
-                except BaseException as exc:  # unlock the others, then raise
-                    error = error or exc
-            if error is not None:
-                raise error
+                    try:
+                        result = await handler.handle_update(update, application, check, context)
+                    except ApplicationHandlerStop:
+                        await _saved(binding)
+                        raise
+                    await _saved(binding)
+                    return result
+                finally:
+                    current_binding.reset(token)
 
-    async def _run(
-        self,
-        update: Update,
-        application: Application[Any, CCT, Any, Any, Any, Any],
-        check_result: tuple[BaseHandler[Any, CCT, Any], object],
-        context: CCT,
-        binding: Binding,
-    ) -> object:
-        """Run the wrapped handler with ``context.session`` bound to ``binding``, then save."""
-        handler, check = check_result
-        if isinstance(context, SessionContext):
-            token = current_binding.set(binding)
+            attrs = context.__dict__
+            previous = attrs.get("session", MISSING)
+            attrs["session"] = binding.public()
             try:
                 try:
                     result = await handler.handle_update(update, application, check, context)
                 except ApplicationHandlerStop:
-                    await binding.save()
+                    binding.adopt(attrs.get("session", MISSING))
+                    await _saved(binding)
                     raise
-                await binding.save()
+                binding.adopt(attrs.get("session", MISSING))
+                saving = binding.save()  # awaited here, not in _saved(): one coroutine less
+                if saving is not None:
+                    await saving
                 return result
             finally:
-                current_binding.reset(token)
-
-        attrs = context.__dict__
-        previous = attrs.get("session", MISSING)
-        attrs["session"] = binding.public()
-        try:
-            try:
-                result = await handler.handle_update(update, application, check, context)
-            except ApplicationHandlerStop:
-                binding.adopt(attrs.get("session", MISSING))
-                await binding.save()
-                raise
-            binding.adopt(attrs.get("session", MISSING))
-            await binding.save()
-            return result
+                if previous is MISSING:
+                    attrs.pop("session", None)
+                else:
+                    attrs["session"] = previous
         finally:
-            if previous is MISSING:
-                attrs.pop("session", None)
-            else:
-                attrs["session"] = previous
+            closing = binding.close()
+            if closing is not None:
+                await closing
+
+
+async def _saved(binding: Binding) -> None:
+    """Save ``binding``, if there is anything to save."""
+    saving = binding.save()
+    if saving is not None:
+        await saving

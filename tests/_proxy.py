@@ -27,6 +27,8 @@ class OutageProxy:
         self._drops_left = 0
         #: How many replies were dropped by drop_reply_to().
         self.dropped = 0
+        #: How many times a client sent something (a request: one round trip each).
+        self.requests = 0
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -54,6 +56,8 @@ class OutageProxy:
                 if self._stalled:
                     continue  # read and never answer
                 marker = self._drop_marker
+                if back is not None:
+                    self.requests += 1
                 writer.write(data)
                 await writer.drain()
                 if back is not None and marker is not None and marker in data.upper():

@@ -9,8 +9,10 @@ from typing import Any
 
 import pytest
 from _bot import builder, message_update, process
+from _proxy import OutageProxy
 from _statements import StatementLog
 from sqlalchemy import Table, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 from telegram.ext import MessageHandler, TypeHandler, filters
@@ -276,3 +278,28 @@ async def test_the_cache_keeps_at_most_cache_size_rows(fresh_db_url: str) -> Non
         assert len(selects(log)) == 1
     finally:
         await persistence.flush()
+
+
+async def test_a_single_read_or_write_on_a_server_is_one_round_trip(fresh_db_url: str) -> None:
+    parsed = make_url(fresh_db_url)
+    if parsed.get_backend_name() == "sqlite":
+        pytest.skip("SQLite is a file on this machine: there are no round trips to count")
+    proxy = OutageProxy(parsed.host or "127.0.0.1", parsed.port or 0)
+    url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    storage = SQLAlchemyStorage(url)
+    try:
+        for value in ({"n": 0}, {"n": 1}):  # the schema, a pooled connection, its statements
+            await storage.read("k")
+            await storage.write("k", value)
+            await storage.database.get_many("session", ["k", "other"])
+        before = proxy.requests
+        assert await storage.read("k") == {"n": 1}
+        await storage.write("k", {"n": 2})
+        assert proxy.requests - before == 2  # no ROLLBACK when the connection is returned
+        before = proxy.requests
+        found = await storage.database.get_many("session", ["k", "other"])
+        assert list(found) == ["k"]
+        assert proxy.requests - before == 1  # no BEGIN, COMMIT nor ROLLBACK around the read
+    finally:
+        await storage.close()
+        proxy.close()

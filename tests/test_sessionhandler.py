@@ -32,7 +32,7 @@ from telegram.ext import (
 
 from ptb_sessions import _sessionlock
 from ptb_sessions._errors import SerializationError, SessionKeyError, StorageError
-from ptb_sessions._keys import by_user, by_user_and_chat
+from ptb_sessions._keys import by_chat, by_user, by_user_and_chat
 from ptb_sessions._sessionhandler import Fragment, LazySession, SessionContext, SessionHandler
 from ptb_sessions.storage._memory import MemoryStorage
 
@@ -657,6 +657,27 @@ async def test_lazy_never_touched_reads_and_writes_nothing(
     await bot.send(message_update(1), message_update(2))
     assert bot.errors == []
     assert spy.counts == (0, 0, 0)
+
+
+async def test_lazy_never_touched_calls_no_key_function(session_storage: Maker) -> None:
+    keyed: list[object] = []
+
+    def chat(update: Update) -> str | None:
+        keyed.append(update)
+        return by_chat(update)
+
+    async def maybe(update: Update, context: Any) -> None:
+        if update.effective_message.text == "use":  # type: ignore[union-attr]
+            (await context.session)["n"] = 1
+
+    storage = session_storage("session")
+    bot = Bot(SessionHandler([on_text(maybe)], storage=storage, key=chat, lazy=True, initial=dict))
+    await bot.send(message_update(1), message_update(2))
+    assert keyed == []  # an untouched lazy session is one object, no key, no lock, no I/O
+    await bot.send(message_update(3, "use"))
+    assert len(keyed) == 1
+    assert bot.errors == []
+    assert await storage.read("3") == {"n": 1}
 
 
 async def test_lazy_awaited_twice_reads_once(session_storage: Maker, typed: bool) -> None:
