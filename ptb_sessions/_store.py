@@ -738,7 +738,9 @@ class Database:
     ) -> dict[tuple[str, str], StorageError]:
         now = self.clock()
         errors: dict[tuple[str, str], StorageError] = {}
-        unsure = self._write_self_checked(connection, writes, now)
+        # Statements that check by themselves wait for a row another transaction locked;
+        # without waiting, every version is read first (with NOWAIT).
+        unsure = self._write_self_checked(connection, writes, now) if wait_for_locks else writes
         if unsure:
             errors.update(self._write_checked(connection, unsure, now, wait_for_locks))
         return errors
