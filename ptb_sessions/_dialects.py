@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final, cast
 
 from sqlalchemy import Integer, String, Table, any_, bindparam, event, select, text, update
@@ -240,11 +240,15 @@ class _PostgreSQL(Dialect):
         self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
     ) -> Collection[str]:
         # One statement over arrays of the values (one per column), returning the keys it
-        # updated: one execution on the server instead of one per row.
-        params: dict[str, Any] = {"ns": namespace, "touched_at": rows[0]["touched_at"]}
-        for column in _ARRAY_COLUMNS:
-            params[column] = [row[column] for row in rows]
-        return {key for (key,) in connection.execute(_PGUPDATE_AT_VERSIONS, params)}
+        # updated: one execution on the server instead of one per row (per chunk of rows, as
+        # one array value holds at most 1 GB).
+        updated: set[str] = set()
+        for chunk in _chunks_of_size(rows, _PG_CHUNK_CHARACTERS):
+            params: dict[str, Any] = {"ns": namespace, "touched_at": chunk[0]["touched_at"]}
+            for column in _ARRAY_COLUMNS:
+                params[column] = [row[column] for row in chunk]
+            updated.update(key for (key,) in connection.execute(_PG_UPDATE_AT_VERSIONS, params))
+        return updated
 
     def key_in(self, keys: Sequence[str]) -> Any:
         # = ANY(array): the planner uses the index however many keys there are.
@@ -360,6 +364,8 @@ _SQLITE_UPDATE_AT_VERSION: Final = str(UPDATE_AT_VERSION.compile(dialect=_SQLITE
 _SQLITE_INSERT_ABSENT: Final = str(
     sqlite.insert(_TABLE).on_conflict_do_nothing().compile(dialect=_SQLITE_NAMED)
 )
+#: The characters of ``data`` in one of PostgreSQL's conditional updates, at most.
+_PG_CHUNK_CHARACTERS: Final = 64 << 20
 #: The per-row parameters of PostgreSQL's conditional update, and their array types.
 _ARRAY_COLUMNS: Final = {
     "k": "VARCHAR",
@@ -370,7 +376,7 @@ _ARRAY_COLUMNS: Final = {
     "expires_at": "DOUBLE PRECISION",
     "expected": "INTEGER",
 }
-_PGUPDATE_AT_VERSIONS = text(
+_PG_UPDATE_AT_VERSIONS = text(
     f"UPDATE {_TABLE.name} AS t SET codec = v.codec, data = v.data, version = v.version, "
     "data_version = v.data_version, touched_at = :touched_at, expires_at = v.expires_at "
     "FROM unnest("
@@ -391,6 +397,21 @@ _DIALECTS: dict[str, Dialect] = {
     "mysql": _MySQL(),
     "mariadb": _MySQL(),
 }
+
+
+def _chunks_of_size(
+    rows: Sequence[Mapping[str, Any]], limit: int
+) -> Iterator[Sequence[Mapping[str, Any]]]:
+    """``rows`` in consecutive chunks whose ``data`` add up to at most ``limit`` characters
+    (a larger row on its own)."""
+    start = size = 0
+    for end, row in enumerate(rows):
+        size += len(row["data"])
+        if size > limit and end > start:
+            yield rows[start:end]
+            start, size = end, len(row["data"])
+    if start < len(rows):
+        yield rows[start:]
 
 
 def dialect_for(backend: str) -> Dialect:
