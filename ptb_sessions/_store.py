@@ -256,7 +256,8 @@ class PendingWrites:
 
     def put(self, write: Write) -> None:
         """Queue ``write``, replacing an older write of its key."""
-        self._writes[write.where] = write.replacing(self._writes.pop(write.where, None))
+        where = write.where
+        self._writes[where] = write.replacing(self._writes.pop(where, None))
 
     def keep(self, write: Write) -> None:
         """Queue ``write`` again after it failed, unless a newer write of its key was queued
