@@ -236,6 +236,17 @@ class _PostgreSQL(Dialect):
     def insert_new(self) -> Any:
         return postgresql.insert(_TABLE).on_conflict_do_nothing().returning(_C.namespace, _C.key)
 
+    def insert_absent(
+        self, connection: Connection, rows: Sequence[Mapping[str, Any]]
+    ) -> Collection[tuple[str, str]]:
+        # As update_at_versions: one statement over arrays of the columns.
+        inserted: set[tuple[str, str]] = set()
+        for chunk in _chunks_of_size(rows, _PG_CHUNK_CHARACTERS):
+            params = {column: [row[column] for row in chunk] for column in _INSERT_COLUMNS}
+            result = connection.execute(_PG_INSERT_ABSENT, params)
+            inserted.update((namespace, key) for namespace, key in result)
+        return inserted
+
     def update_at_versions(
         self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
     ) -> Collection[str]:
@@ -386,6 +397,24 @@ _PG_UPDATE_AT_VERSIONS = text(
     + ") "
     "WHERE t.namespace = :ns AND t.key = v.k AND t.version = v.expected RETURNING t.key"
 ).columns(key=String)
+#: The columns of a new row, and their array types.
+_INSERT_COLUMNS: Final = {
+    "namespace": "VARCHAR",
+    "key": "VARCHAR",
+    "codec": "VARCHAR",
+    "data": "TEXT",
+    "version": "INTEGER",
+    "data_version": "DOUBLE PRECISION",
+    "touched_at": "DOUBLE PRECISION",
+    "expires_at": "DOUBLE PRECISION",
+}
+_PG_INSERT_ABSENT = text(
+    f"INSERT INTO {_TABLE.name} ("
+    + ", ".join(_INSERT_COLUMNS)
+    + ") SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _INSERT_COLUMNS.items())
+    + ") ON CONFLICT DO NOTHING RETURNING namespace, key"
+).columns(namespace=String, key=String)
 _PG_LOCK_VERSIONS = text(_PG_LOCK_VERSIONS_SQL).columns(key=String, version=Integer)
 _PG_LOCK_VERSIONS_NOWAIT = text(f"{_PG_LOCK_VERSIONS_SQL} NOWAIT").columns(
     key=String, version=Integer

@@ -661,10 +661,12 @@ class Database:
         A write is applied if the stored row is at its ``expected_version`` (or at a version
         one of its earlier, unacknowledged attempts wrote: then that attempt committed and its
         reply was lost); else it gets a :class:`~ptb_sessions.ConflictError` and the others
-        are applied. If the transaction fails for another reason while the database is
-        reachable, the writes are applied one by one, each in its own transaction, so a row
-        the database rejects (whatever the failure looks like, even a dropped connection)
-        fails for its key only.
+        are applied. Changes at the version read and new rows go first, as statements that
+        check the version themselves; the stored versions are read (and locked) only for the
+        writes those did not apply. If the transaction fails for another reason while the
+        database is reachable, the writes are applied one by one, each in its own transaction,
+        so a row the database rejects (whatever the failure looks like, even a dropped
+        connection) fails for its key only.
 
         Returns:
             The errors of the writes that were not applied, by ``(namespace, key)``.
