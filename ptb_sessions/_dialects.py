@@ -62,6 +62,9 @@ class Dialect:
     #: Whether one process is normally the database's only user, so that it may keep the
     #: rows it read or wrote (the sessions' cache is on by default).
     single_process: ClassVar[bool] = False
+    #: Whether :meth:`update_at_versions` updates rows (else every change of a batch reads
+    #: the stored versions first).
+    updates_at_versions: ClassVar[bool] = False
 
     # -- the engine ---------------------------------------------------------------------
 
@@ -166,6 +169,7 @@ class Dialect:
 class _SQLite(Dialect):
     __slots__ = ()
     name = "sqlite"
+    updates_at_versions = True
     threaded = True
     row_locks = False  # one writer at a time, and a single process in practice
     single_process = True
@@ -222,6 +226,7 @@ class _SQLite(Dialect):
 class _PostgreSQL(Dialect):
     __slots__ = ()
     name = "postgresql"
+    updates_at_versions = True
 
     def code_point_order(self, column: Any) -> Any:
         return column.collate("C")

@@ -760,7 +760,11 @@ class Database:
         creates: list[Write] = []
         unsure: list[Write] = []
         for write in writes:
-            if write.data is None or write.expected_version == ANY_VERSION:
+            if (
+                write.data is None
+                or write.expected_version == ANY_VERSION
+                or (write.expected_version is not None and not self._dialect.updates_at_versions)
+            ):
                 unsure.append(write)
             elif write.expected_version is None:
                 creates.append(write)
