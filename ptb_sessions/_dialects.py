@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final, cast
 
-from sqlalchemy import Integer, String, Table, any_, bindparam, event, select, text
+from sqlalchemy import Integer, String, Table, any_, bindparam, event, select, text, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.engine import Connection, Engine
@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ptb_sessions._schema import StoredRow
 
-__all__ = ["AUTOCOMMIT_OPTION", "Dialect", "dialect_for"]
+__all__ = ["AUTOCOMMIT_OPTION", "UPDATE_AT_VERSION", "Dialect", "dialect_for"]
 
 #: The execution option that marks the connections of single statements (no transaction).
 AUTOCOMMIT_OPTION: Final = "ptb_sessions_autocommit"
@@ -62,6 +62,9 @@ class Dialect:
     #: Whether one process is normally the database's only user, so that it may keep the
     #: rows it read or wrote (the sessions' cache is on by default).
     single_process: ClassVar[bool] = False
+    #: Whether :meth:`update_at_versions` updates rows (else every change of a batch reads
+    #: the stored versions first).
+    updates_at_versions: ClassVar[bool] = False
 
     # -- the engine ---------------------------------------------------------------------
 
@@ -83,7 +86,8 @@ class Dialect:
         raise NotImplementedError
 
     def insert_new(self) -> Any:
-        """``INSERT`` rows unless their key exists, returning the keys inserted."""
+        """``INSERT`` rows unless their key exists, returning ``(namespace, key)`` of those
+        inserted."""
         raise NotImplementedError
 
     def key_in(self, keys: Sequence[str]) -> Any:
@@ -93,6 +97,35 @@ class Dialect:
     def code_point_order(self, column: Any) -> Any:
         """``column`` for ``ORDER BY`` in code point order, whatever the collation."""
         return column
+
+    def insert_absent(
+        self, connection: Connection, rows: Sequence[Mapping[str, Any]]
+    ) -> Collection[tuple[str, str]]:
+        """Insert each row whose key does not exist yet, with no read first. ``rows`` are the
+        columns of :meth:`~ptb_sessions._store.Write.row`.
+
+        Returns:
+            ``(namespace, key)`` of the rows known to be inserted: every inserted one, or fewer
+            where the backend cannot tell which (the caller checks those by their stored
+            version).
+        """
+        result = connection.execute(self.insert_new(), rows)
+        return {(namespace, key) for namespace, key in result}
+
+    def update_at_versions(
+        self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
+    ) -> Collection[str]:
+        """Update each row of ``namespace`` whose stored version is still the one it was
+        read at (``expected``) to its new values, with no read first. ``rows`` are the
+        parameters of :meth:`~ptb_sessions._store.Write.params`.
+
+        Returns:
+            The keys known to be updated: every updated one, or fewer where the backend cannot
+            tell which (the caller then checks those by their stored version). By default
+            none are updated: a backend that runs such an update row by row (a round trip
+            each) is faster with the stored versions read first.
+        """
+        return ()
 
     def lock_versions(
         self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
@@ -136,6 +169,7 @@ class Dialect:
 class _SQLite(Dialect):
     __slots__ = ()
     name = "sqlite"
+    updates_at_versions = True
     threaded = True
     row_locks = False  # one writer at a time, and a single process in practice
     single_process = True
@@ -157,7 +191,25 @@ class _SQLite(Dialect):
         )
 
     def insert_new(self) -> Any:
-        return sqlite.insert(_TABLE).on_conflict_do_nothing().returning(_C.key)
+        return sqlite.insert(_TABLE).on_conflict_do_nothing().returning(_C.namespace, _C.key)
+
+    def insert_absent(
+        self, connection: Connection, rows: Sequence[Mapping[str, Any]]
+    ) -> Collection[tuple[str, str]]:
+        # As update_at_versions: one executemany, whose row count tells whether all were new.
+        result = connection.exec_driver_sql(_SQLITE_INSERT_ABSENT, list(rows))
+        if result.rowcount == len(rows):
+            return {(row["namespace"], row["key"]) for row in rows}
+        return ()
+
+    def update_at_versions(
+        self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
+    ) -> Collection[str]:
+        # One executemany of the statement compiled once, the rows passed as they are (no
+        # per-row parameter processing: SQLite's binds need none). Its row count is the sum
+        # over the rows, so it tells only whether every row was updated.
+        result = connection.exec_driver_sql(_SQLITE_UPDATE_AT_VERSION, list(rows))
+        return {row["k"] for row in rows} if result.rowcount == len(rows) else ()
 
     def lock_versions(
         self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
@@ -174,6 +226,7 @@ class _SQLite(Dialect):
 class _PostgreSQL(Dialect):
     __slots__ = ()
     name = "postgresql"
+    updates_at_versions = True
 
     def code_point_order(self, column: Any) -> Any:
         return column.collate("C")
@@ -186,7 +239,32 @@ class _PostgreSQL(Dialect):
         )
 
     def insert_new(self) -> Any:
-        return postgresql.insert(_TABLE).on_conflict_do_nothing().returning(_C.key)
+        return postgresql.insert(_TABLE).on_conflict_do_nothing().returning(_C.namespace, _C.key)
+
+    def insert_absent(
+        self, connection: Connection, rows: Sequence[Mapping[str, Any]]
+    ) -> Collection[tuple[str, str]]:
+        # As update_at_versions: one statement over arrays of the columns.
+        inserted: set[tuple[str, str]] = set()
+        for chunk in _chunks_of_size(rows, _PG_CHUNK_CHARACTERS):
+            params = {column: [row[column] for row in chunk] for column in _INSERT_COLUMNS}
+            result = connection.execute(_PG_INSERT_ABSENT, params)
+            inserted.update((namespace, key) for namespace, key in result)
+        return inserted
+
+    def update_at_versions(
+        self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
+    ) -> Collection[str]:
+        # One statement over arrays of the values (one per column), returning the keys it
+        # updated: one execution on the server instead of one per row (per chunk of rows, as
+        # one array value holds at most 1 GB).
+        updated: set[str] = set()
+        for chunk in _chunks_of_size(rows, _PG_CHUNK_CHARACTERS):
+            params: dict[str, Any] = {"ns": namespace, "touched_at": chunk[0]["touched_at"]}
+            for column in _ARRAY_COLUMNS:
+                params[column] = [row[column] for row in chunk]
+            updated.update(key for (key,) in connection.execute(_PG_UPDATE_AT_VERSIONS, params))
+        return updated
 
     def key_in(self, keys: Sequence[str]) -> Any:
         # = ANY(array): the planner uses the index however many keys there are.
@@ -242,7 +320,7 @@ class _MySQL(Dialect):
         return stmt.on_duplicate_key_update({name: stmt.inserted[name] for name in _VALUE_COLUMNS})
 
     def insert_new(self) -> Any:
-        return mysql.insert(_TABLE).prefix_with("IGNORE").returning(_C.key)
+        return mysql.insert(_TABLE).prefix_with("IGNORE").returning(_C.namespace, _C.key)
 
     @contextlib.asynccontextmanager
     async def schema_lock(self, engine: AsyncEngine) -> AsyncIterator[None]:
@@ -285,6 +363,63 @@ _PG_LOCK_VERSIONS_SQL = (
     "JOIN unnest(CAST(:keys AS VARCHAR[])) AS wanted(key) ON t.key = wanted.key "
     "WHERE t.namespace = :ns FOR UPDATE OF t"
 )
+#: The conditional update of one row: its values, if the stored version is ``expected``.
+UPDATE_AT_VERSION = (
+    update(_TABLE)
+    .where(
+        _C.namespace == bindparam("ns"),
+        _C.key == bindparam("k"),
+        _C.version == bindparam("expected"),
+    )
+    .values({name: bindparam(name) for name in _VALUE_COLUMNS})
+)
+_SQLITE_NAMED: Final = sqlite.dialect(paramstyle="named")
+#: :data:`UPDATE_AT_VERSION` as SQLite's text with named parameters.
+_SQLITE_UPDATE_AT_VERSION: Final = str(UPDATE_AT_VERSION.compile(dialect=_SQLITE_NAMED))
+#: The insert of a row unless its key exists, as SQLite's text with named parameters.
+_SQLITE_INSERT_ABSENT: Final = str(
+    sqlite.insert(_TABLE).on_conflict_do_nothing().compile(dialect=_SQLITE_NAMED)
+)
+#: The characters of ``data`` in one of PostgreSQL's conditional updates, at most.
+_PG_CHUNK_CHARACTERS: Final = 64 << 20
+#: The per-row parameters of PostgreSQL's conditional update, and their array types.
+_ARRAY_COLUMNS: Final = {
+    "k": "VARCHAR",
+    "codec": "VARCHAR",
+    "data": "TEXT",
+    "version": "INTEGER",
+    "data_version": "DOUBLE PRECISION",
+    "expires_at": "DOUBLE PRECISION",
+    "expected": "INTEGER",
+}
+_PG_UPDATE_AT_VERSIONS = text(
+    f"UPDATE {_TABLE.name} AS t SET codec = v.codec, data = v.data, version = v.version, "
+    "data_version = v.data_version, touched_at = :touched_at, expires_at = v.expires_at "
+    "FROM unnest("
+    + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _ARRAY_COLUMNS.items())
+    + ") AS v("
+    + ", ".join(_ARRAY_COLUMNS)
+    + ") "
+    "WHERE t.namespace = :ns AND t.key = v.k AND t.version = v.expected RETURNING t.key"
+).columns(key=String)
+#: The columns of a new row, and their array types.
+_INSERT_COLUMNS: Final = {
+    "namespace": "VARCHAR",
+    "key": "VARCHAR",
+    "codec": "VARCHAR",
+    "data": "TEXT",
+    "version": "INTEGER",
+    "data_version": "DOUBLE PRECISION",
+    "touched_at": "DOUBLE PRECISION",
+    "expires_at": "DOUBLE PRECISION",
+}
+_PG_INSERT_ABSENT = text(
+    f"INSERT INTO {_TABLE.name} ("
+    + ", ".join(_INSERT_COLUMNS)
+    + ") SELECT * FROM unnest("
+    + ", ".join(f"CAST(:{name} AS {kind}[])" for name, kind in _INSERT_COLUMNS.items())
+    + ") ON CONFLICT DO NOTHING RETURNING namespace, key"
+).columns(namespace=String, key=String)
 _PG_LOCK_VERSIONS = text(_PG_LOCK_VERSIONS_SQL).columns(key=String, version=Integer)
 _PG_LOCK_VERSIONS_NOWAIT = text(f"{_PG_LOCK_VERSIONS_SQL} NOWAIT").columns(
     key=String, version=Integer
@@ -296,6 +431,21 @@ _DIALECTS: dict[str, Dialect] = {
     "mysql": _MySQL(),
     "mariadb": _MySQL(),
 }
+
+
+def _chunks_of_size(
+    rows: Sequence[Mapping[str, Any]], limit: int
+) -> Iterator[Sequence[Mapping[str, Any]]]:
+    """``rows`` in consecutive chunks whose ``data`` add up to at most ``limit`` characters
+    (a larger row on its own)."""
+    start = size = 0
+    for end, row in enumerate(rows):
+        size += len(row["data"])
+        if size > limit and end > start:
+            yield rows[start:end]
+            start, size = end, len(row["data"])
+    if start < len(rows):
+        yield rows[start:]
 
 
 def dialect_for(backend: str) -> Dialect:

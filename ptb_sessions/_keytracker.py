@@ -176,13 +176,16 @@ class KeyTracker(Generic[K]):
         else:
             del self._keys[key]
 
-    def check_writable(self, key: K) -> None:
-        """Raise :class:`~ptb_sessions.StorageError` if ``key`` must not be written."""
-        if self.state(key) is KeyState.FAILED:
+    def check_writable(self, key: K) -> TrackedKey | None:
+        """Raise :class:`~ptb_sessions.StorageError` if ``key`` must not be written; else
+        return its entry, if tracked."""
+        entry = self._keys.get(key)
+        if entry is not None and entry.state is KeyState.FAILED:
             raise StorageError(
                 f"{self.namespace}[{key!r}] is not written: its stored row could not be loaded "
                 "(see the earlier error), and writing would replace it"
             )
+        return entry
 
     def used(self, key: K) -> None:
         """``key`` was used now (least recently used order)."""

@@ -642,7 +642,8 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     async def _submit(self, write: Write) -> None:
         """Queue ``write`` for this loop tick's batch (see :meth:`_join_batch`)."""
         self._pending.put(write)
-        await self._join_batch()
+        if self._batch_task is None:  # else a batch of this loop tick will carry it
+            await self._join_batch()
 
     async def _submit_touch(self, namespace: str, key: str) -> None:
         """Queue a refresh of the expiry of an unchanged row for this loop tick's batch."""
@@ -770,8 +771,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         )
 
     async def _update(self, tracker: KeyTracker[int], item_id: int, data: Any) -> None:
-        tracker.check_writable(item_id)
-        entry = tracker.get(item_id)
+        entry = tracker.check_writable(item_id)
         state = KeyState.UNLOADED if entry is None else entry.state
         if state is KeyState.STALE:
             return  # a conflict dropped this data; the row is read again first

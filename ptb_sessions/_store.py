@@ -19,7 +19,8 @@ import contextlib
 import enum
 import functools
 import logging
-import secrets
+import os
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,13 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from ptb_sessions import _alembic
-from ptb_sessions._dialects import AUTOCOMMIT_OPTION, POOL_OVERFLOW, Dialect, dialect_for
+from ptb_sessions._dialects import (
+    AUTOCOMMIT_OPTION,
+    POOL_OVERFLOW,
+    UPDATE_AT_VERSION,
+    Dialect,
+    dialect_for,
+)
 from ptb_sessions._errors import ConflictError, SchemaError, StorageError
 from ptb_sessions._schema import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, StoredRow
 from ptb_sessions._url import mask_secrets, mask_url, to_async_url
@@ -56,11 +63,23 @@ _CHUNK: Final = 500
 _CONNECTIONS_FOR_DATA: Final = 3
 
 
+#: The source of row versions: seeded from the operating system, and again in a forked child
+#: (so parent and child never draw the same versions); not the module's shared generator, which
+#: an application may seed with a constant.
+_VERSIONS: Final = random.Random()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - every POSIX system has it
+    os.register_at_fork(after_in_child=_VERSIONS.seed)
+_VERSION_LIMIT: Final = (1 << 31) - 1
+
+
 def new_version() -> int:
     """A row version: random, so that no two writes store the same one (a key deleted and
     written again never shows another writer its old version, and a write recognises its own
-    commit)."""
-    return secrets.randbelow((1 << 31) - 2) + 1
+    commit). Between 1 and 2**31 - 2."""
+    while True:
+        version = _VERSIONS.getrandbits(31)
+        if 0 < version < _VERSION_LIMIT:
+            return version
 
 
 @dataclass(slots=True, frozen=True)
@@ -187,7 +206,7 @@ class Write:
         if expected == ANY_VERSION:
             connection.execute(statements.upsert_one, params)
             return True
-        result = connection.execute(_UPDATE_IF_VERSION, params)
+        result = connection.execute(UPDATE_AT_VERSION, params)
         return bool(result.rowcount)
 
 
@@ -237,7 +256,8 @@ class PendingWrites:
 
     def put(self, write: Write) -> None:
         """Queue ``write``, replacing an older write of its key."""
-        self._writes[write.where] = write.replacing(self._writes.pop(write.where, None))
+        where = write.where
+        self._writes[where] = write.replacing(self._writes.pop(where, None))
 
     def keep(self, write: Write) -> None:
         """Queue ``write`` again after it failed, unless a newer write of its key was queued
@@ -645,10 +665,12 @@ class Database:
         A write is applied if the stored row is at its ``expected_version`` (or at a version
         one of its earlier, unacknowledged attempts wrote: then that attempt committed and its
         reply was lost); else it gets a :class:`~ptb_sessions.ConflictError` and the others
-        are applied. If the transaction fails for another reason while the database is
-        reachable, the writes are applied one by one, each in its own transaction, so a row
-        the database rejects (whatever the failure looks like, even a dropped connection)
-        fails for its key only.
+        are applied. Changes at the version read and new rows go first, as statements that
+        check the version themselves; the stored versions are read (and locked) only for the
+        writes those did not apply. If the transaction fails for another reason while the
+        database is reachable, the writes are applied one by one, each in its own transaction,
+        so a row the database rejects (whatever the failure looks like, even a dropped
+        connection) fails for its key only.
 
         Returns:
             The errors of the writes that were not applied, by ``(namespace, key)``.
@@ -722,6 +744,56 @@ class Database:
         self, connection: Connection, writes: Sequence[Write], wait_for_locks: bool = True
     ) -> dict[tuple[str, str], StorageError]:
         now = self.clock()
+        errors: dict[tuple[str, str], StorageError] = {}
+        # Statements that check by themselves wait for a row another transaction locked;
+        # without waiting, every version is read first (with NOWAIT).
+        unsure = self._write_self_checked(connection, writes, now) if wait_for_locks else writes
+        if unsure:
+            errors.update(self._write_checked(connection, unsure, now, wait_for_locks))
+        return errors
+
+    def _write_self_checked(
+        self, connection: Connection, writes: Sequence[Write], now: float
+    ) -> list[Write]:
+        """Apply the writes whose statement checks the version by itself, with no read of the
+        stored versions first: a change of a row at the version it was read at (an update on
+        that condition) and a new row (an insert-only). Returns the writes not known to be
+        applied; :meth:`_write_checked` decides them by the stored version (a write applied
+        here shows as done there, by the version it stored)."""
+        changes: dict[str, list[Write]] = {}
+        creates: list[Write] = []
+        unsure: list[Write] = []
+        for write in writes:
+            if (
+                write.data is None
+                or write.expected_version == ANY_VERSION
+                or (write.expected_version is not None and not self._dialect.updates_at_versions)
+            ):
+                unsure.append(write)
+            elif write.expected_version is None:
+                creates.append(write)
+            else:
+                changes.setdefault(write.namespace, []).append(write)
+        for namespace, group in changes.items():
+            updated = self._dialect.update_at_versions(
+                connection, namespace, [write.params(now) for write in group]
+            )
+            unsure.extend(write for write in group if write.key not in updated)
+        if creates:
+            inserted = self._dialect.insert_absent(
+                connection, [write.row(now) for write in creates]
+            )
+            unsure.extend(write for write in creates if write.where not in inserted)
+        return unsure
+
+    def _write_checked(
+        self,
+        connection: Connection,
+        writes: Sequence[Write],
+        now: float,
+        wait_for_locks: bool,
+    ) -> dict[tuple[str, str], StorageError]:
+        """Apply ``writes`` after locking their rows and reading their versions."""
         stored: dict[tuple[str, str], int] = {}
         for namespace, keys in _keys_by_namespace(writes).items():
             for chunk in _chunks(keys):
@@ -756,10 +828,10 @@ class Database:
             # Insert-only: a row that another writer created since our read (locking a row
             # that does not exist yet locks nothing on PostgreSQL) is a conflict, not ours.
             result = connection.execute(self._statements.insert_many, inserts)
-            inserted = {row[0] for row in result}
+            inserted = {(row[0], row[1]) for row in result}
             for row in inserts:
-                if row["key"] not in inserted:
-                    where = (row["namespace"], row["key"])
+                where = (row["namespace"], row["key"])
+                if where not in inserted:
                     errors[where] = ConflictError(
                         f"{where[0]}[{where[1]!r}] was created by another writer since it was "
                         "read; this write was dropped and the key will be read again"
@@ -1118,7 +1190,4 @@ _VALUES: dict[str, Any] = {
     "touched_at": bindparam("touched_at"),
     "expires_at": bindparam("expires_at"),
 }
-_UPDATE_IF_VERSION = (
-    update(_TABLE).where(_ONE, _C.version == bindparam("expected")).values(_VALUES)
-)
 _INSERT_VALUES = {"namespace": bindparam("ns"), "key": bindparam("k"), **_VALUES}

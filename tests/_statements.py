@@ -15,6 +15,13 @@ from ptb_sessions._store import Database
 _WRITES = ("INSERT", "UPDATE", "DELETE")
 
 
+def _rows_of(params: Any) -> int:
+    """The rows of one statement's parameters: one, or as many as its arrays hold (a
+    statement over arrays of values, one element per row)."""
+    values = params.values() if isinstance(params, dict) else params or ()
+    return max((len(value) for value in values if isinstance(value, list)), default=1)
+
+
 class StatementLog:
     """Every statement run on ``database`` from now on (connections opened later included)."""
 
@@ -28,14 +35,14 @@ class StatementLog:
     def _on_execute(
         self, conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
     ) -> None:
-        self.statements.append((statement, params, len(params) if many else 1))
+        self.statements.append((statement, params, len(params) if many else _rows_of(params)))
 
     def _on_commit(self, conn: Any) -> None:
         self.commits += 1
 
     def rows_written(self) -> int:
         """How many rows the recorded INSERT, UPDATE and DELETE statements wrote (one per
-        parameter set)."""
+        parameter set, or per element of the arrays of a statement over arrays)."""
         return sum(
             rows for sql, _, rows in self.statements if sql.lstrip().upper().startswith(_WRITES)
         )

@@ -1,0 +1,114 @@
+"""One batch of writes, as :meth:`Database.apply` decides it: the writes whose statement checks
+the version by itself (a change at the version read, a new row) and those decided by the
+stored versions, in any mix, with every stored row checked at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from _statements import StatementLog
+
+from ptb_sessions import ConflictError
+from ptb_sessions._store import ANY_VERSION, Database, Write
+
+
+async def stored(database: Database, namespace: str) -> dict[str, tuple[str | None, int]]:
+    return {key: (record.data, record.version) async for key, record in database.scan(namespace)}
+
+
+async def test_every_kind_of_write_in_one_batch(fresh_db_url: str) -> None:
+    database = Database(fresh_db_url)
+    other = Database(fresh_db_url)  # another process
+    try:
+        first = [Write("chat_data", key, f'"{key}0"', expected_version=None) for key in "abcde"]
+        assert await database.apply([*first, Write("user_data", "a", '"ua0"')]) == {}
+        version = {write.key: write.version for write in first}
+        moved = Write("chat_data", "b", '"b-other"', expected_version=version["b"])
+        taken = Write("chat_data", "x", '"x-other"', expected_version=None)
+        assert await other.apply([moved, taken]) == {}
+        lost = Write("chat_data", "c", '"c1"', expected_version=version["c"])
+        assert await database.apply([lost]) == {}  # its reply lost: written again, replaced
+        retry = Write("chat_data", "c", '"c2"', expected_version=version["c"]).replacing(lost)
+
+        batch = [
+            Write("chat_data", "a", '"a1"', expected_version=version["a"]),  # applies
+            Write("chat_data", "b", '"b1"', expected_version=version["b"]),  # conflict
+            retry,  # the row is at its own earlier version: applies
+            Write("chat_data", "d", None, expected_version=version["d"]),  # deleted
+            Write("chat_data", "e", '"e1"'),  # no check
+            Write("chat_data", "x", '"x1"', expected_version=None),  # created meanwhile
+            Write("chat_data", "y", '"y1"', expected_version=None),  # new
+            Write("user_data", "y", '"uy1"', expected_version=None),  # new, same key
+            Write("user_data", "a", '"ua1"', expected_version=None),  # exists: conflict
+        ]
+        errors = await database.apply(batch)
+        assert set(errors) == {("chat_data", "b"), ("chat_data", "x"), ("user_data", "a")}
+        assert all(isinstance(error, ConflictError) for error in errors.values())
+
+        chats = await stored(database, "chat_data")
+        assert {key: data for key, (data, _) in chats.items()} == {
+            "a": '"a1"',
+            "b": '"b-other"',
+            "c": '"c2"',
+            "e": '"e1"',
+            "x": '"x-other"',
+            "y": '"y1"',
+        }
+        written = {write.key: write.version for write in batch if write.namespace == "chat_data"}
+        assert {key: chats[key][1] for key in "acey"} == {key: written[key] for key in "acey"}
+        users = await stored(database, "user_data")
+        assert {key: data for key, (data, _) in users.items()} == {"a": '"ua0"', "y": '"uy1"'}
+
+        again = await database.apply(batch)  # every applied write is recognised as done
+        assert set(again) <= {("chat_data", "b"), ("chat_data", "x"), ("user_data", "a")}
+        assert await stored(database, "chat_data") == chats
+    finally:
+        await database.dispose()
+        await other.dispose()
+
+
+async def test_a_batch_of_changes_reads_no_versions_when_all_match(
+    backend: str, fresh_db_url: str
+) -> None:
+    if backend == "mariadb":
+        pytest.skip("MariaDB's driver runs an UPDATE executemany row by row: versions are read")
+    database = Database(fresh_db_url)
+    try:
+        new = [Write("chat_data", str(i), f"{i}", expected_version=None) for i in range(50)]
+        assert await database.apply(new) == {}
+        changed = [
+            Write("chat_data", write.key, f"{write.data}0", expected_version=write.version)
+            for write in new
+        ]
+        log = StatementLog(database)
+        assert await database.apply(changed) == {}
+        assert not [
+            sql for sql, _, _ in log.statements if sql.lstrip().upper().startswith("SELECT")
+        ]
+        assert log.rows_written() == 50
+        rows = await stored(database, "chat_data")
+        assert rows == {write.key: (write.data, write.version) for write in changed}
+    finally:
+        await database.dispose()
+
+
+async def test_writes_without_a_check_still_apply(fresh_db_url: str) -> None:
+    database = Database(fresh_db_url)
+    try:
+        blind: list[Any] = [Write("bot_data", "", "1", expected_version=ANY_VERSION)]
+        assert await database.apply(blind) == {}
+        assert await database.apply([Write("bot_data", "", "2")]) == {}
+        assert {key: data for key, (data, _) in (await stored(database, "bot_data")).items()} == {
+            "": "2"
+        }
+    finally:
+        await database.dispose()
+
+
+def test_rows_are_chunked_by_the_size_of_their_data() -> None:
+    from ptb_sessions._dialects import _chunks_of_size
+
+    rows = [{"data": "x" * size} for size in (5, 5, 20, 1, 1, 1)]
+    chunks = [[len(row["data"]) for row in chunk] for chunk in _chunks_of_size(rows, 10)]
+    assert chunks == [[5, 5], [20], [1, 1, 1]]
