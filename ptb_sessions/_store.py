@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,11 @@ from ptb_sessions._dialects import (
 from ptb_sessions._errors import ConflictError, SchemaError, StorageError
 from ptb_sessions._schema import MAX_KEY_LENGTH, MAX_NAMESPACE_LENGTH, StoredRow
 from ptb_sessions._url import mask_secrets, mask_url, to_async_url
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _deadline
+else:  # pragma: no cover - the backport of asyncio.timeout
+    from async_timeout import timeout as _deadline
 
 __all__ = ["ANY_VERSION", "DEFAULT_TIMEOUT", "Database", "PendingWrites", "Record", "Write"]
 
@@ -506,10 +512,10 @@ class Database:
         await self.ensure_schema()
         for attempt in range(2):
             try:
-                return await asyncio.wait_for(
-                    self._route.run(work, autocommit=autocommit, read_only=read_only),
-                    self.timeout,
-                )
+                # A deadline on this task, not a task of its own (as wait_for would make):
+                # no extra trips through the event loop per statement.
+                async with _deadline(self.timeout):
+                    return await self._route.run(work, autocommit=autocommit, read_only=read_only)
             except (SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
                 dead = isinstance(exc, DBAPIError) and exc.connection_invalidated
                 if attempt == 0 and dead:
