@@ -23,7 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ptb_sessions._schema import StoredRow
 
-__all__ = ["AUTOCOMMIT_OPTION", "UPDATE_AT_VERSION", "Dialect", "dialect_for"]
+__all__ = [
+    "AUTOCOMMIT_OPTION",
+    "ONE_ROW",
+    "UPDATE_AT_VERSION",
+    "VALUE_PARAMS",
+    "Dialect",
+    "dialect_for",
+]
 
 #: The execution option that marks the connections of single statements (no transaction).
 AUTOCOMMIT_OPTION: Final = "ptb_sessions_autocommit"
@@ -363,15 +370,13 @@ _PG_LOCK_VERSIONS_SQL = (
     "JOIN unnest(CAST(:keys AS VARCHAR[])) AS wanted(key) ON t.key = wanted.key "
     "WHERE t.namespace = :ns FOR UPDATE OF t"
 )
+#: The row of one key (parameters ``ns`` and ``k``).
+ONE_ROW: Final = (_C.namespace == bindparam("ns")) & (_C.key == bindparam("k"))
+#: A row's values, each bound by its column's name.
+VALUE_PARAMS: Final[dict[str, Any]] = {name: bindparam(name) for name in _VALUE_COLUMNS}
 #: The conditional update of one row: its values, if the stored version is ``expected``.
 UPDATE_AT_VERSION = (
-    update(_TABLE)
-    .where(
-        _C.namespace == bindparam("ns"),
-        _C.key == bindparam("k"),
-        _C.version == bindparam("expected"),
-    )
-    .values({name: bindparam(name) for name in _VALUE_COLUMNS})
+    update(_TABLE).where(ONE_ROW, _C.version == bindparam("expected")).values(VALUE_PARAMS)
 )
 _SQLITE_NAMED: Final = sqlite.dialect(paramstyle="named")
 #: :data:`UPDATE_AT_VERSION` as SQLite's text with named parameters.

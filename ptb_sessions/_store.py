@@ -36,8 +36,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from ptb_sessions import _alembic
 from ptb_sessions._dialects import (
     AUTOCOMMIT_OPTION,
+    ONE_ROW,
     POOL_OVERFLOW,
     UPDATE_AT_VERSION,
+    VALUE_PARAMS,
     Dialect,
     dialect_for,
 )
@@ -750,13 +752,10 @@ class Database:
         self, connection: Connection, writes: Sequence[Write], wait_for_locks: bool = True
     ) -> dict[tuple[str, str], StorageError]:
         now = self.clock()
-        errors: dict[tuple[str, str], StorageError] = {}
         # Statements that check by themselves wait for a row another transaction locked;
         # without waiting, every version is read first (with NOWAIT).
         unsure = self._write_self_checked(connection, writes, now) if wait_for_locks else writes
-        if unsure:
-            errors.update(self._write_checked(connection, unsure, now, wait_for_locks))
-        return errors
+        return self._write_checked(connection, unsure, now, wait_for_locks) if unsure else {}
 
     def _write_self_checked(
         self, connection: Connection, writes: Sequence[Write], now: float
@@ -1183,17 +1182,8 @@ _RECORD_COLUMNS = (
     _C.touched_at,
     _C.expires_at,
 )
-_ONE = (_C.namespace == bindparam("ns")) & (_C.key == bindparam("k"))
-_GET_ONE = select(*_RECORD_COLUMNS).where(_ONE)
-_GET_VERSION = select(_C.version).where(_ONE)
-_DELETE_ONE = delete(_TABLE).where(_ONE)
-_DELETE_IF_VERSION = delete(_TABLE).where(_ONE, _C.version == bindparam("expected"))
-_VALUES: dict[str, Any] = {
-    "codec": bindparam("codec"),
-    "data": bindparam("data"),
-    "version": bindparam("version"),
-    "data_version": bindparam("data_version"),
-    "touched_at": bindparam("touched_at"),
-    "expires_at": bindparam("expires_at"),
-}
-_INSERT_VALUES = {"namespace": bindparam("ns"), "key": bindparam("k"), **_VALUES}
+_GET_ONE = select(*_RECORD_COLUMNS).where(ONE_ROW)
+_GET_VERSION = select(_C.version).where(ONE_ROW)
+_DELETE_ONE = delete(_TABLE).where(ONE_ROW)
+_DELETE_IF_VERSION = delete(_TABLE).where(ONE_ROW, _C.version == bindparam("expected"))
+_INSERT_VALUES = {"namespace": bindparam("ns"), "key": bindparam("k"), **VALUE_PARAMS}
