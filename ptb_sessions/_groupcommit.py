@@ -146,11 +146,17 @@ class GroupCommit:
                 await self._alone(self._database.write_one(write))
             else:
                 while where in self._writes:  # one write per key and batch
-                    await asyncio.shield(self._writes[where][1])
+                    # the earlier write's outcome is its own: wait for it, never raise it
+                    await asyncio.wait((self._writes[where][1],))
                 done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._writes[where] = (write, done)
                 self._start()
-                await asyncio.shield(done)
+                try:
+                    await done  # this caller's own future: cancelling the caller cancels it only
+                except asyncio.CancelledError:
+                    if self._writes.get(where, (write, None))[1] is done:
+                        del self._writes[where]  # not sent yet, and now never sent
+                    raise
         except BaseException:
             self._cache.pop(where, None)
             raise

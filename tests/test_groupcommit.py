@@ -303,3 +303,42 @@ async def test_a_single_read_or_write_on_a_server_is_one_round_trip(fresh_db_url
     finally:
         await storage.close()
         proxy.close()
+
+
+async def test_a_write_queued_behind_another_of_its_key_gets_its_own_outcome(
+    fresh_db_url: str,
+) -> None:
+    """Two writes of one key queued in the same batch window go one after the other; the
+    second gets the result of its own write, not the first one's error or cancellation."""
+    persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
+    database = persistence.database
+    group = GroupCommit.of(database)
+    try:
+        await database.apply([Write("session", "k", '{"v":0}', expected_version=None)])
+        stored = await database.get("session", "k")
+        assert stored is not None
+        for ending in ("conflict", "cancelled"):
+            # a write of another key is in flight, so the next ones are queued
+            in_flight = asyncio.ensure_future(
+                group.write(Write("session", "other", '{"v":0}', expected_version=None))
+            )
+            await asyncio.sleep(0)
+            stale = Write("session", "k", '{"v":"stale"}', expected_version=stored.version + 1)
+            first = asyncio.ensure_future(group.write(stale))
+            await asyncio.sleep(0)
+            second = asyncio.ensure_future(
+                group.write(Write("session", "k", f'{{"v":"{ending}"}}'))  # no version check
+            )
+            await asyncio.sleep(0)
+            if ending == "cancelled":
+                first.cancel()
+            outcomes = await asyncio.gather(in_flight, first, second, return_exceptions=True)
+            expected_first = ConflictError if ending == "conflict" else asyncio.CancelledError
+            assert isinstance(outcomes[1], expected_first), outcomes
+            assert outcomes[0] is None and outcomes[2] is None, outcomes
+            assert (await stored_sessions(fresh_db_url))["k"] == {"v": ending}
+            await database.apply([Write("session", "other", None)])
+            stored = await database.get("session", "k")
+            assert stored is not None
+    finally:
+        await persistence.flush()
