@@ -64,7 +64,8 @@ class Dialect:
     name: ClassVar[str] = "generic"
     #: Whether the backend runs on SQLAlchemy's sync driver in a thread of its own.
     threaded: ClassVar[bool] = False
-    #: Whether :meth:`row_lock` locks anything (several processes share the database).
+    #: Whether rows are locked one by one: :meth:`row_lock` locks anything (several processes
+    #: share the database), and a statement may wait for a row another transaction locked.
     row_locks: ClassVar[bool] = True
     #: Whether one process is normally the database's only user, so that it may keep the
     #: rows it read or wrote (the sessions' cache is on by default).
@@ -178,7 +179,9 @@ class _SQLite(Dialect):
     name = "sqlite"
     updates_at_versions = True
     threaded = True
-    row_locks = False  # one writer at a time, and a single process in practice
+    # One writer at a time (BEGIN IMMEDIATE locks the whole file before any statement), and a
+    # single process in practice.
+    row_locks = False
     single_process = True
 
     def engine_options(self, timeout: float) -> dict[str, Any]:

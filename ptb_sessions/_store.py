@@ -753,8 +753,10 @@ class Database:
     ) -> dict[tuple[str, str], StorageError]:
         now = self.clock()
         # Statements that check by themselves wait for a row another transaction locked;
-        # without waiting, every version is read first (with NOWAIT).
-        unsure = self._write_self_checked(connection, writes, now) if wait_for_locks else writes
+        # without waiting, every version is read first (with NOWAIT). Where rows are not
+        # locked one by one (SQLite), no statement waits for a row, and they go first anyway.
+        checks_first = wait_for_locks or not self._dialect.row_locks
+        unsure = self._write_self_checked(connection, writes, now) if checks_first else writes
         return self._write_checked(connection, unsure, now, wait_for_locks) if unsure else {}
 
     def _write_self_checked(
