@@ -144,6 +144,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         context_types: None = None,
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        store_jobs: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None: ...
 
@@ -163,6 +164,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         context_types: ContextTypes[Any, UD, CD, BD],
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        store_jobs: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None: ...
 

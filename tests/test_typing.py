@@ -47,6 +47,8 @@ typed_application = (
     ApplicationBuilder().token(TOKEN).persistence(typed).context_types(context_types).build()
 )
 reveal_type(typed_application.chat_data)
+with_jobs = SQLAlchemyPersistence("sqlite:///bot.sqlite3", store_jobs=True, timeout=5)
+reveal_type(with_jobs)
 """
 
 
@@ -74,4 +76,5 @@ def test_mypy_strict_accepts_the_readme_quick_start_and_infers_the_types(tmp_pat
     assert revealed[0] == f"{persistence}[dict[Any, Any], dict[Any, Any], dict[Any, Any]]"
     assert revealed[1] == f"{persistence}[dict[Any, Any], bot.ChatData, bot.BotData]"
     assert revealed[2] == "typing.Mapping[int, bot.ChatData]"
-    assert len(revealed) == 3
+    assert revealed[3] == revealed[0]  # every keyword argument is in the overloads
+    assert len(revealed) == 4
