@@ -67,9 +67,6 @@ class Dialect:
     #: Whether rows are locked one by one: :meth:`row_lock` locks anything (several processes
     #: share the database), and a statement may wait for a row another transaction locked.
     row_locks: ClassVar[bool] = True
-    #: Whether one process is normally the database's only user, so that it may keep the
-    #: rows it read or wrote (the sessions' cache is on by default).
-    single_process: ClassVar[bool] = False
     #: Whether :meth:`update_at_versions` updates rows (else every change of a batch reads
     #: the stored versions first).
     updates_at_versions: ClassVar[bool] = False
@@ -182,7 +179,6 @@ class _SQLite(Dialect):
     # One writer at a time (BEGIN IMMEDIATE locks the whole file before any statement), and a
     # single process in practice.
     row_locks = False
-    single_process = True
 
     def engine_options(self, timeout: float) -> dict[str, Any]:
         # A file on this machine: no dropped connections to ping for; the driver waits up to

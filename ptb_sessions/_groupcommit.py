@@ -13,13 +13,13 @@ single-row statements, side by side, so each caller gets the result of its own k
 still running after :data:`STALLED_AFTER` seconds (a lone statement waiting for a row lock)
 no longer holds the next batch back.
 
-The cache (least recently used first out, :data:`DEFAULT_CACHE_SIZE` rows) holds each row as
-this process last read or wrote it, with its version, so the next update of a key needs no
-read. It is on by default where one process is normally the database's only user (SQLite);
-on a server, which several bot processes share, every read goes to the database unless
-:attr:`GroupCommit.cache_size` is set. A write based on a cached row that another process
-changed is a :class:`~ptb_sessions.ConflictError`, as any stale write is, and any failed write
-drops the key from the cache, so the key is read again next time.
+The cache (least recently used first out, the database's ``session_cache`` rows,
+:data:`DEFAULT_CACHE_SIZE` by default) holds each row as this process last read or wrote it,
+with its version, so the next update of a key needs no read. A write based on a cached row
+that another process changed is a :class:`~ptb_sessions.ConflictError`, as any stale write
+is, and any failed write drops the key from the cache, so the key is read again next time.
+Under a database lock (``SessionHandler(lock="database")``) a key is always read from the
+database (:meth:`GroupCommit.forget`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from collections.abc import Awaitable
 from typing import Any, Final, TypeVar
 
 from ptb_sessions._errors import StorageError
-from ptb_sessions._store import Database, Record, Write
+from ptb_sessions._store import DEFAULT_SESSION_CACHE, Database, Record, Write
 
 __all__ = ["DEFAULT_CACHE_SIZE", "STALLED_AFTER", "GroupCommit"]
 
@@ -43,7 +43,7 @@ _T = TypeVar("_T")
 #: Seconds after which a running batch no longer holds back the next one.
 STALLED_AFTER: Final = 0.25
 #: How many rows the per-process cache keeps by default.
-DEFAULT_CACHE_SIZE: Final = 10_000
+DEFAULT_CACHE_SIZE: Final = DEFAULT_SESSION_CACHE
 
 _Where = tuple[str, str]
 _GROUPS: weakref.WeakKeyDictionary[Database, GroupCommit] = weakref.WeakKeyDictionary()
@@ -62,7 +62,7 @@ class GroupCommit:
         self._database = database
         self._cache: OrderedDict[_Where, Record | None] = OrderedDict()
         if cache_size is None:
-            cache_size = DEFAULT_CACHE_SIZE if database.single_process else 0
+            cache_size = database.session_cache
         #: How many rows the cache keeps (0: none).
         self.cache_size = cache_size
         self._reads: dict[_Where, asyncio.Future[Record | None]] = {}

@@ -26,6 +26,7 @@ from ptb_sessions._keytracker import NOTHING, KeyState, KeyTracker, TrackedKey, 
 from ptb_sessions._rowpolicy import DEFAULT_MAX_VALUE_SIZE, RowPolicy
 from ptb_sessions._store import (
     ANY_VERSION,
+    DEFAULT_SESSION_CACHE,
     DEFAULT_TIMEOUT,
     Database,
     PendingWrites,
@@ -100,6 +101,13 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             restarts".
         timeout: Seconds any one database call may take (default 30); a server that stops
             answering gives :class:`~ptb_sessions.StorageError` naming the key.
+        session_cache: How many session rows (of :meth:`storage` and of a
+            :class:`~ptb_sessions.SessionHandler` on this persistence) this process keeps, with
+            their versions, after reading or writing them (default 10,000, least recently used
+            first out), so that the next update of a key reads nothing. A write based on a row
+            that another process changed meanwhile is a :class:`~ptb_sessions.ConflictError`:
+            several processes should use ``SessionHandler(lock="database")``, which always
+            reads from the database. ``0``: every read goes to the database.
     """
 
     __slots__ = (
@@ -146,6 +154,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
         store_jobs: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        session_cache: int = DEFAULT_SESSION_CACHE,
     ) -> None: ...
 
     @overload
@@ -166,6 +175,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
         store_jobs: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        session_cache: int = DEFAULT_SESSION_CACHE,
     ) -> None: ...
 
     def __init__(
@@ -185,6 +195,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
         store_jobs: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
+        session_cache: int = DEFAULT_SESSION_CACHE,
     ) -> None:
         super().__init__(store_data=store_data, update_interval=update_interval)
         if max_cached is not None:
@@ -192,7 +203,13 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                 raise ValueError("max_cached needs lazy=True: eager loading keeps every chat")
             if max_cached < 1:
                 raise ValueError(f"max_cached must be at least 1, not {max_cached}")
-        self.database = Database(url, auto_upgrade=auto_upgrade, clock=clock, timeout=timeout)
+        self.database = Database(
+            url,
+            auto_upgrade=auto_upgrade,
+            clock=clock,
+            timeout=timeout,
+            session_cache=session_cache,
+        )
         self.lazy = lazy
         self.max_cached = max_cached
         self.codec: Codec = codec if codec is not None else JSONCodec()

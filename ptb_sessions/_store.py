@@ -52,7 +52,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - the backport of asyncio.timeout
     from async_timeout import timeout as _deadline
 
-__all__ = ["ANY_VERSION", "DEFAULT_TIMEOUT", "Database", "PendingWrites", "Record", "Write"]
+__all__ = [
+    "ANY_VERSION",
+    "DEFAULT_SESSION_CACHE",
+    "DEFAULT_TIMEOUT",
+    "Database",
+    "PendingWrites",
+    "Record",
+    "Write",
+]
 
 _LOGGER = logging.getLogger(__name__)
 _TABLE: Table = cast(Table, StoredRow.__table__)
@@ -63,6 +71,8 @@ _T = TypeVar("_T")
 ANY_VERSION: Final = -1
 #: Seconds any one database call may take.
 DEFAULT_TIMEOUT: Final = 30.0
+#: How many session rows a process keeps by default (see :class:`Database`).
+DEFAULT_SESSION_CACHE: Final = 10_000
 #: How often a transaction that lost a deadlock to another process is tried again.
 _DEADLOCK_RETRIES: Final = 5
 #: How many keys go into one ``IN (...)`` list.
@@ -356,6 +366,8 @@ class Database:
         clock: Seconds since the epoch, for ``touched_at``.
         timeout: Seconds any one database call may take before it fails with
             :class:`~ptb_sessions.StorageError`.
+        session_cache: How many session rows this process keeps after reading or writing
+            them, so that the next update of a key reads nothing (0: none).
     """
 
     __slots__ = (
@@ -371,6 +383,7 @@ class Database:
         "_url",
         "auto_upgrade",
         "clock",
+        "session_cache",
         "timeout",
     )
 
@@ -381,9 +394,12 @@ class Database:
         auto_upgrade: bool = True,
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
+        session_cache: int = DEFAULT_SESSION_CACHE,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")
+        if session_cache < 0:
+            raise ValueError(f"session_cache must be 0 or more rows, not {session_cache}")
         if isinstance(url, AsyncEngine):
             self._engine: AsyncEngine | None = url
             self._url: URL = url.url
@@ -399,6 +415,7 @@ class Database:
         self.auto_upgrade = auto_upgrade
         self.clock = clock
         self.timeout = timeout
+        self.session_cache = session_cache
         self._ready = False
         self._ready_lock = asyncio.Lock()
 
@@ -418,12 +435,6 @@ class Database:
     def code_point_order(self, column: Any) -> Any:
         """``column`` for ``ORDER BY`` in code point order, whatever the database's collation."""
         return self._dialect.code_point_order(column)
-
-    @property
-    def single_process(self) -> bool:
-        """Whether one process is normally this database's only user (SQLite: a file on this
-        machine), so that it may keep the rows it read or wrote."""
-        return self._dialect.single_process
 
     @property
     def engine(self) -> AsyncEngine:

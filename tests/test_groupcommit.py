@@ -189,13 +189,6 @@ def counting_session_app(storage: Any, errors: list[BaseException], **options: A
     return app
 
 
-def cached_sessions(persistence: SQLAlchemyPersistence[Any, Any, Any]) -> Any:
-    """The persistence's session storage, with the cache on (the default on SQLite only: a
-    server is usually shared by several processes)."""
-    GroupCommit.of(persistence.database).cache_size = DEFAULT_CACHE_SIZE
-    return persistence.storage()
-
-
 def selects(log: StatementLog) -> list[str]:
     return [sql for sql, _, _ in log.statements if sql.lstrip().upper().startswith("SELECT")]
 
@@ -203,7 +196,7 @@ def selects(log: StatementLog) -> list[str]:
 async def test_a_second_update_of_a_key_reads_nothing(fresh_db_url: str) -> None:
     persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
     errors: list[BaseException] = []
-    app = counting_session_app(cached_sessions(persistence), errors)
+    app = counting_session_app(persistence.storage(), errors)
     async with app:
         await process(app, message_update(1))
         log = StatementLog(persistence.database)
@@ -219,7 +212,7 @@ async def test_a_write_by_another_process_is_a_conflict_then_reloads(fresh_db_ur
     persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
     other = SQLAlchemyStorage(fresh_db_url)  # another process: its own database objects
     errors: list[BaseException] = []
-    app = counting_session_app(cached_sessions(persistence), errors)
+    app = counting_session_app(persistence.storage(), errors)
     try:
         async with app:
             await process(app, message_update(1))
@@ -239,7 +232,7 @@ async def test_lock_database_reads_every_update_from_the_database(fresh_db_url: 
     persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
     other = SQLAlchemyStorage(fresh_db_url)
     errors: list[BaseException] = []
-    app = counting_session_app(cached_sessions(persistence), errors, lock="database")
+    app = counting_session_app(persistence.storage(), errors, lock="database")
     try:
         async with app:
             await process(app, message_update(1))
@@ -253,13 +246,27 @@ async def test_lock_database_reads_every_update_from_the_database(fresh_db_url: 
         await persistence.flush()
 
 
-async def test_the_cache_is_on_by_default_only_where_one_process_owns_the_database(
+async def test_the_cache_is_on_by_default_and_session_cache_sets_its_size(
     fresh_db_url: str,
 ) -> None:
     persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url)
-    expected = DEFAULT_CACHE_SIZE if fresh_db_url.startswith("sqlite") else 0
-    assert GroupCommit.of(persistence.database).cache_size == expected
-    await persistence.flush()
+    uncached = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url, session_cache=0)
+    storage = SQLAlchemyStorage(fresh_db_url, session_cache=3)
+    try:
+        assert GroupCommit.of(persistence.database).cache_size == DEFAULT_CACHE_SIZE
+        assert GroupCommit.of(storage.database).cache_size == 3
+        sessions = uncached.storage()
+        assert await sessions.read("k") is None
+        await sessions.write("k", {"n": 1})
+        log = StatementLog(uncached.database)
+        assert await sessions.read("k") == {"n": 1}
+        assert len(selects(log)) == 1  # read from the database: nothing was kept
+        with pytest.raises(ValueError, match="session_cache must be 0 or more rows, not -1"):
+            SQLAlchemyPersistence(fresh_db_url, session_cache=-1)
+    finally:
+        await storage.close()
+        await uncached.flush()
+        await persistence.flush()
 
 
 async def test_the_cache_keeps_at_most_cache_size_rows(fresh_db_url: str) -> None:
@@ -286,7 +293,7 @@ async def test_a_single_read_or_write_on_a_server_is_one_round_trip(fresh_db_url
         pytest.skip("SQLite is a file on this machine: there are no round trips to count")
     proxy = OutageProxy(parsed.host or "127.0.0.1", parsed.port or 0)
     url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    storage = SQLAlchemyStorage(url)
+    storage = SQLAlchemyStorage(url, session_cache=0)  # every read goes to the server
     try:
         for value in ({"n": 0}, {"n": 1}):  # the schema, a pooled connection, its statements
             await storage.read("k")

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from ptb_sessions._codec import Codec
 from ptb_sessions._groupcommit import GroupCommit
 from ptb_sessions._rowpolicy import DEFAULT_MAX_VALUE_SIZE, RowPolicy
-from ptb_sessions._store import ANY_VERSION, Database, check_key
+from ptb_sessions._store import ANY_VERSION, DEFAULT_SESSION_CACHE, Database, check_key
 from ptb_sessions._url import DEFAULT_URL
 from ptb_sessions.storage._base import ReadVersions
 
@@ -48,6 +48,10 @@ class SQLAlchemyStorage:
         max_value_size: The largest encoded value in bytes (default 1 MiB); larger ones are
             rejected with :class:`~ptb_sessions.SerializationError`. :obj:`None`: no limit.
             :meth:`ptb_sessions.SQLAlchemyPersistence.storage` passes the persistence's.
+        session_cache: How many rows this process keeps after reading or writing them, so
+            that the next read of a key goes to no database (default 10,000); see
+            :class:`~ptb_sessions.SQLAlchemyPersistence`. A storage of
+            :meth:`ptb_sessions.SQLAlchemyPersistence.storage` shares the persistence's.
     """
 
     __slots__ = ("_reads", "database", "namespace", "policy")
@@ -63,11 +67,12 @@ class SQLAlchemyStorage:
         auto_upgrade: bool = True,
         clock: Callable[[], float] = time.time,
         max_value_size: int | None = DEFAULT_MAX_VALUE_SIZE,
+        session_cache: int = DEFAULT_SESSION_CACHE,
     ) -> None:
         self.database = (
             url
             if isinstance(url, Database)
-            else Database(url, auto_upgrade=auto_upgrade, clock=clock)
+            else Database(url, auto_upgrade=auto_upgrade, clock=clock, session_cache=session_cache)
         )
         check_key(namespace, "")
         self.namespace = namespace

@@ -47,9 +47,15 @@ async def check_outage(url: str, bot_url: str, proxy: OutageProxy) -> dict[str, 
     # Every update during the outage was handled (the process never died) ...
     assert run.handled == {c: (3 if c <= 5 else 0) + rounds + 2 for c in range(1, 7)}
     assert report["running"]
-    # ... but the session handler never ran without its session: each needed a read and got
-    # a StorageError naming the key, and no initial() stood in for the stored session.
-    assert report["sessions_at_restore"] == report["sessions_before"]
+    # ... but the session handler never ran without its session, and no initial() stood in
+    # for the stored one. The first update of each chat this process knew found its session
+    # in the process's cache and ran; its write failed and dropped it from the cache. Every
+    # later update needed a read. Each got a StorageError naming the key.
+    ran = {
+        c: report["sessions_at_restore"].get(c, 0) - report["sessions_before"].get(c, 0)
+        for c in range(1, 7)
+    }
+    assert ran == {c: 1 if c <= 5 else 0 for c in range(1, 7)}
     session_errors = [
         e for e in report["errors_during"] if isinstance(e, StorageError) and "session[" in str(e)
     ]
