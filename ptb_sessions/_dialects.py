@@ -70,6 +70,9 @@ class Dialect:
     #: Whether :meth:`update_at_versions` updates rows (else every change of a batch reads
     #: the stored versions first).
     updates_at_versions: ClassVar[bool] = False
+    #: Whether a transaction costs no round trip (``BEGIN`` and ``COMMIT`` are calls in this
+    #: process), so that statements that could each commit alone go in one transaction.
+    cheap_transactions: ClassVar[bool] = False
 
     # -- the engine ---------------------------------------------------------------------
 
@@ -118,11 +121,17 @@ class Dialect:
         return {(namespace, key) for namespace, key in result}
 
     def update_at_versions(
-        self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
+        self,
+        connection: Connection,
+        namespace: str,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        wait: bool = True,
     ) -> Collection[str]:
         """Update each row of ``namespace`` whose stored version is still the one it was
         read at (``expected``) to its new values, with no read first. ``rows`` are the
-        parameters of :meth:`~ptb_sessions._store.Write.params`.
+        parameters of :meth:`~ptb_sessions._store.Write.params`. With ``wait=False``, a row
+        locked by another transaction fails the statement at once.
 
         Returns:
             The keys known to be updated: every updated one, or fewer where the backend cannot
@@ -175,6 +184,7 @@ class _SQLite(Dialect):
     __slots__ = ()
     name = "sqlite"
     updates_at_versions = True
+    cheap_transactions = True
     threaded = True
     # One writer at a time (BEGIN IMMEDIATE locks the whole file before any statement), and a
     # single process in practice.
@@ -209,11 +219,17 @@ class _SQLite(Dialect):
         return ()
 
     def update_at_versions(
-        self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
+        self,
+        connection: Connection,
+        namespace: str,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        wait: bool = True,
     ) -> Collection[str]:
-        # One executemany of the statement compiled once, the rows passed as they are (no
-        # per-row parameter processing: SQLite's binds need none). Its row count is the sum
-        # over the rows, so it tells only whether every row was updated.
+        # No row locks to wait for (see row_locks). One executemany of the statement compiled
+        # once, the rows passed as they are (no per-row parameter processing: SQLite's binds
+        # need none). Its row count is the sum over the rows, so it tells only whether every
+        # row was updated.
         result = connection.exec_driver_sql(_SQLITE_UPDATE_AT_VERSION, list(rows))
         return {row["k"] for row in rows} if result.rowcount == len(rows) else ()
 
@@ -259,17 +275,24 @@ class _PostgreSQL(Dialect):
         return inserted
 
     def update_at_versions(
-        self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
+        self,
+        connection: Connection,
+        namespace: str,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        wait: bool = True,
     ) -> Collection[str]:
         # One statement over arrays of the values (one per column), returning the keys it
         # updated: one execution on the server instead of one per row (per chunk of rows, as
-        # one array value holds at most 1 GB).
+        # one array value holds at most 1 GB). Without waiting, it locks its rows first, with
+        # NOWAIT, in a subquery (a locked row fails it before it would wait in the update).
+        statement = _PG_UPDATE_AT_VERSIONS if wait else _PG_UPDATE_AT_VERSIONS_NOWAIT
         updated: set[str] = set()
         for chunk in _chunks_of_size(rows, _PG_CHUNK_CHARACTERS):
             params: dict[str, Any] = {"ns": namespace, "touched_at": chunk[0]["touched_at"]}
             for column in _ARRAY_COLUMNS:
                 params[column] = [row[column] for row in chunk]
-            updated.update(key for (key,) in connection.execute(_PG_UPDATE_AT_VERSIONS, params))
+            updated.update(key for (key,) in connection.execute(statement, params))
         return updated
 
     def key_in(self, keys: Sequence[str]) -> Any:
@@ -396,7 +419,7 @@ _ARRAY_COLUMNS: Final = {
     "expires_at": "DOUBLE PRECISION",
     "expected": "INTEGER",
 }
-_PG_UPDATE_AT_VERSIONS = text(
+_PG_UPDATE_AT_VERSIONS_SQL = (
     f"UPDATE {_TABLE.name} AS t SET codec = v.codec, data = v.data, version = v.version, "
     "data_version = v.data_version, touched_at = :touched_at, expires_at = v.expires_at "
     "FROM unnest("
@@ -404,7 +427,14 @@ _PG_UPDATE_AT_VERSIONS = text(
     + ") AS v("
     + ", ".join(_ARRAY_COLUMNS)
     + ") "
-    "WHERE t.namespace = :ns AND t.key = v.k AND t.version = v.expected RETURNING t.key"
+    "WHERE t.namespace = :ns AND t.key = v.k AND t.version = v.expected"
+)
+_PG_UPDATE_AT_VERSIONS = text(f"{_PG_UPDATE_AT_VERSIONS_SQL} RETURNING t.key").columns(key=String)
+_PG_UPDATE_AT_VERSIONS_NOWAIT = text(
+    f"{_PG_UPDATE_AT_VERSIONS_SQL} AND t.key IN ("
+    f"SELECT l.key FROM {_TABLE.name} AS l "
+    "JOIN unnest(CAST(:k AS VARCHAR[])) AS wanted(key) ON l.key = wanted.key "
+    "WHERE l.namespace = :ns FOR UPDATE OF l NOWAIT) RETURNING t.key"
 ).columns(key=String)
 #: The columns of a new row, and their array types.
 _INSERT_COLUMNS: Final = {

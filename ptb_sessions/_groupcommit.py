@@ -5,10 +5,11 @@ A caller queues its operation and waits for its own result. An operation that fi
 running nor queued goes at once, in the caller's task; whatever is queued while a batch runs
 goes, as one batch, when it returns: no timer delays a lone operation. A batch of one runs as
 its single statement (:meth:`Database.get`, :meth:`Database.write_one`); a larger one reads
-with one statement per namespace and writes in one transaction (:meth:`Database.apply_batch`).
+with one statement per namespace and writes with one statement, committed once
+(:meth:`Database.apply_batch`).
 
-Nothing one key does holds back another: the batch transaction does not wait for a row that
-another transaction locked, and a batch that fails for any reason is sent again at once as
+Nothing one key does holds back another: a batch does not wait for a row that another
+transaction locked, and a batch that fails for any reason is sent again at once as
 single-row statements, side by side, so each caller gets the result of its own key. A batch
 still running after :data:`STALLED_AFTER` seconds (a lone statement waiting for a row lock)
 no longer holds the next batch back.
@@ -250,7 +251,7 @@ class GroupCommit:
             return
         batch = [write for write, _ in writes.values()]
         try:
-            errors = await self._database.apply_batch(batch, wait_for_locks=False)
+            errors = await self._database.apply_batch(batch)
         except StorageError as exc:
             await self._send_one_by_one(writes, exc)
             return

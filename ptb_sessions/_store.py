@@ -719,28 +719,49 @@ class Database:
                 errors[write.where] = exc
         return errors
 
-    async def apply_batch(
-        self, writes: Sequence[Write], *, wait_for_locks: bool = True
-    ) -> dict[tuple[str, str], StorageError]:
-        """Apply ``writes`` in one transaction, checking row versions as :meth:`apply` does,
-        but with no fallback: if the transaction fails, nothing is applied and the error is
-        raised. With ``wait_for_locks=False``, a row locked by another transaction fails the
-        batch at once instead of holding it until the lock is released.
+    async def apply_batch(self, writes: Sequence[Write]) -> dict[tuple[str, str], StorageError]:
+        """Apply the independent ``writes`` of several callers (group commit), checking row
+        versions as :meth:`apply` does, in as few statements as possible, and never waiting for
+        a row that another transaction locked: such a row fails the statement at once. There is
+        no fallback: a failed statement raises, and only what it wrote is not applied.
+
+        On a server, the changes at the version read and the new rows go first, each kind as
+        one statement committed by itself (one round trip, no ``BEGIN`` nor ``COMMIT``); the
+        rest, if any, in one transaction after reading the stored versions. Where a transaction
+        costs no round trip (SQLite), all of it is one transaction.
 
         Returns:
             The conflicts of the writes that were not applied, by ``(namespace, key)``.
 
         Raises:
-            StorageError: The transaction failed; nothing was applied.
+            StorageError: A statement failed; the writes it carried were not applied.
         """
         if not writes:
             return {}
-        return await self._apply_batch(writes, wait_for_locks=wait_for_locks)
+        if self._dialect.cheap_transactions:
+            return await self._apply_batch(writes, wait_for_locks=False)
+        unsure: Sequence[Write] = writes
+        if any(self._checks_itself(write) for write in writes):
+            unsure = await self._run(
+                f"Writing {len(writes)} rows",
+                lambda connection: self._write_self_checked(
+                    connection, writes, self.clock(), wait_for_locks=False
+                ),
+                autocommit=True,
+            )
+        if not unsure:
+            return {}
+        return await self._apply_batch(unsure, wait_for_locks=False, self_checked=False)
 
     async def _apply_batch(
-        self, writes: Sequence[Write], *, wait_for_locks: bool = True
+        self,
+        writes: Sequence[Write],
+        *,
+        wait_for_locks: bool = True,
+        self_checked: bool = True,
     ) -> dict[tuple[str, str], StorageError]:
-        """One transaction of ``writes`` (tried again if it lost a deadlock)."""
+        """One transaction of ``writes`` (tried again if it lost a deadlock); with
+        ``self_checked=False``, they were tried by :meth:`_write_self_checked` already."""
         what = (
             f"Writing {writes[0].namespace}[{writes[0].key!r}]"
             if len(writes) == 1
@@ -749,7 +770,10 @@ class Database:
         for attempt in range(_DEADLOCK_RETRIES):
             try:
                 return await self._run(
-                    what, lambda connection: self._write_batch(connection, writes, wait_for_locks)
+                    what,
+                    lambda connection: self._write_batch(
+                        connection, writes, wait_for_locks, self_checked=self_checked
+                    ),
                 )
             except StorageError as exc:
                 if attempt + 1 == _DEADLOCK_RETRIES or not self._dialect.is_deadlock(
@@ -760,33 +784,48 @@ class Database:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _write_batch(
-        self, connection: Connection, writes: Sequence[Write], wait_for_locks: bool = True
+        self,
+        connection: Connection,
+        writes: Sequence[Write],
+        wait_for_locks: bool = True,
+        *,
+        self_checked: bool = True,
     ) -> dict[tuple[str, str], StorageError]:
         now = self.clock()
-        # Statements that check by themselves wait for a row another transaction locked;
-        # without waiting, every version is read first (with NOWAIT). Where rows are not
-        # locked one by one (SQLite), no statement waits for a row, and they go first anyway.
-        checks_first = wait_for_locks or not self._dialect.row_locks
-        unsure = self._write_self_checked(connection, writes, now) if checks_first else writes
+        unsure = (
+            self._write_self_checked(connection, writes, now, wait_for_locks=wait_for_locks)
+            if self_checked
+            else writes
+        )
         return self._write_checked(connection, unsure, now, wait_for_locks) if unsure else {}
 
+    def _checks_itself(self, write: Write) -> bool:
+        """Whether ``write`` has a statement that checks the stored version by itself (see
+        :meth:`_write_self_checked`)."""
+        expected = write.expected_version
+        if write.data is None or expected == ANY_VERSION:
+            return False
+        return expected is None or self._dialect.updates_at_versions
+
     def _write_self_checked(
-        self, connection: Connection, writes: Sequence[Write], now: float
+        self,
+        connection: Connection,
+        writes: Sequence[Write],
+        now: float,
+        *,
+        wait_for_locks: bool = True,
     ) -> list[Write]:
         """Apply the writes whose statement checks the version by itself, with no read of the
         stored versions first: a change of a row at the version it was read at (an update on
-        that condition) and a new row (an insert-only). Returns the writes not known to be
-        applied; :meth:`_write_checked` decides them by the stored version (a write applied
-        here shows as done there, by the version it stored)."""
+        that condition) and a new row (an insert-only). With ``wait_for_locks=False``, a change
+        of a row that another transaction locked fails the statement at once. Returns the
+        writes not known to be applied; :meth:`_write_checked` decides them by the stored
+        version (a write applied here shows as done there, by the version it stored)."""
         changes: dict[str, list[Write]] = {}
         creates: list[Write] = []
         unsure: list[Write] = []
         for write in writes:
-            if (
-                write.data is None
-                or write.expected_version == ANY_VERSION
-                or (write.expected_version is not None and not self._dialect.updates_at_versions)
-            ):
+            if not self._checks_itself(write):
                 unsure.append(write)
             elif write.expected_version is None:
                 creates.append(write)
@@ -794,7 +833,7 @@ class Database:
                 changes.setdefault(write.namespace, []).append(write)
         for namespace, group in changes.items():
             updated = self._dialect.update_at_versions(
-                connection, namespace, [write.params(now) for write in group]
+                connection, namespace, [write.params(now) for write in group], wait=wait_for_locks
             )
             unsure.extend(write for write in group if write.key not in updated)
         if creates:

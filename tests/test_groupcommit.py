@@ -349,3 +349,68 @@ async def test_a_write_queued_behind_another_of_its_key_gets_its_own_outcome(
             assert stored is not None
     finally:
         await persistence.flush()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+async def test_a_batch_of_changes_is_one_statement_committed_by_itself(fresh_db_url: str) -> None:
+    """On PostgreSQL, the changes of a batch at the versions they were read go to the server as
+    one statement that commits by itself: one round trip, no BEGIN, version read nor COMMIT.
+    MariaDB's driver sends a multi-row UPDATE row by row, so its changes read versions first,
+    in one transaction."""
+    parsed = make_url(fresh_db_url)
+    proxy = OutageProxy(parsed.host or "127.0.0.1", parsed.port or 0)
+    url = parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    persistence = SQLAlchemyPersistence[Any, Any, Any](url)
+    database = persistence.database
+    keys = [str(i) for i in range(20)]
+    try:
+        for round_ in range(3):  # the schema, pooled connections, prepared statements
+            stored = await database.get_many("session", keys)
+            writes = [
+                Write(
+                    "session",
+                    key,
+                    json.dumps({"n": round_}),
+                    expected_version=stored[key].version if key in stored else None,
+                )
+                for key in keys
+            ]
+            before = proxy.requests
+            assert await database.apply_batch(writes) == {}
+        round_trips = proxy.requests - before
+        assert round_trips == (1 if parsed.get_backend_name() == "postgresql" else 4)
+        assert await stored_sessions(fresh_db_url) == {key: {"n": 2} for key in keys}
+    finally:
+        await persistence.flush()
+        proxy.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+async def test_a_batch_with_a_locked_row_fails_at_once_and_writes_nothing_else(
+    fresh_db_url: str,
+) -> None:
+    # A deadline far longer than the wait below: the batch must fail, not wait for the lock.
+    persistence = SQLAlchemyPersistence[Any, Any, Any](fresh_db_url, timeout=120)
+    database = persistence.database
+    blocker = create_async_engine(fresh_db_url, poolclass=NullPool)
+    keys = ["locked", "free1", "free2"]
+    try:
+        await database.apply([Write("session", k, '{"n":1}', expected_version=None) for k in keys])
+        stored = await database.get_many("session", keys)
+        async with blocker.connect() as connection:
+            transaction = await connection.begin()
+            await connection.execute(
+                select(TABLE.c.version)
+                .where(TABLE.c.namespace == "session", TABLE.c.key == "locked")
+                .with_for_update()
+            )
+            writes = [
+                Write("session", k, '{"n":2}', expected_version=stored[k].version) for k in keys
+            ]
+            with pytest.raises(StorageError):
+                await asyncio.wait_for(database.apply_batch(writes), 30)
+            await transaction.rollback()
+        assert await stored_sessions(fresh_db_url) == {key: {"n": 1} for key in keys}
+    finally:
+        await blocker.dispose()
+        await persistence.flush()
