@@ -443,7 +443,7 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
 
             attrs = context.__dict__
             previous = attrs.get("session", MISSING)
-            attrs["session"] = binding.public()
+            public = attrs["session"] = binding.public()
             try:
                 try:
                     result = await handler.handle_update(update, application, check, context)
@@ -451,7 +451,9 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
                     binding.adopt(attrs.get("session", MISSING))
                     await _saved(binding)
                     raise
-                binding.adopt(attrs.get("session", MISSING))
+                left = attrs.get("session", MISSING)
+                if left is not public:  # else nothing to take over (no call: the hot path)
+                    binding.adopt(left)
                 saving = binding.save()  # awaited here, not in _saved(): one coroutine less
                 if saving is not None:
                     await saving
