@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import zlib
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final, cast
@@ -335,6 +336,7 @@ class _PostgreSQL(Dialect):
 class _MySQL(Dialect):
     __slots__ = ()
     name = "mysql"
+    updates_at_versions = True
 
     def engine_options(self, timeout: float) -> dict[str, Any]:
         # The server gives up on a statement (or a row lock) a little before the client's
@@ -379,6 +381,36 @@ class _MySQL(Dialect):
         finally:
             await connection.execute(text("SELECT RELEASE_ALL_LOCKS()"))
             await connection.commit()
+
+    def update_at_versions(
+        self,
+        connection: Connection,
+        namespace: str,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        wait: bool = True,
+    ) -> Collection[str]:
+        # MariaDB, a batch of a few rows (group commit): one UPDATE joined to the rows' values
+        # (a table value constructor), per chunk of at most a MiB; its row count tells only
+        # whether every row of the chunk was updated. Without waiting, SET STATEMENT gives it
+        # no time for a row lock. On the server it costs more per row than the upsert (26 ms
+        # against 15 ms for 1,000 rows), so a larger batch reads the versions first, as MySQL
+        # does (no table value constructor, no SET STATEMENT).
+        mariadb = getattr(connection.dialect, "is_mariadb", False)
+        if len(rows) > _MARIADB_UPDATE_ROWS or not mariadb:
+            return ()
+        updated: list[str] = []
+        for chunk in _chunks_of_size(rows, _MYSQL_CHUNK_CHARACTERS):
+            params: list[Any] = []
+            for row in chunk:
+                params += [row["k"].encode(), row["expected"], row["codec"], row["data"]]
+                params += [row["version"], row["data_version"], row["expires_at"]]
+            params += [chunk[0]["touched_at"], namespace.encode()]
+            statement = _mariadb_update_at_versions(len(chunk), wait=wait)
+            result = connection.exec_driver_sql(statement, tuple(params))
+            if result.rowcount == len(chunk):
+                updated.extend(row["k"] for row in chunk)
+        return updated
 
     def is_connection_error(self, exc: BaseException) -> bool:
         # 2006 "server has gone away" and 2013 "lost connection" (also what an oversized
@@ -458,6 +490,31 @@ _PG_LOCK_VERSIONS = text(_PG_LOCK_VERSIONS_SQL).columns(key=String, version=Inte
 _PG_LOCK_VERSIONS_NOWAIT = text(f"{_PG_LOCK_VERSIONS_SQL} NOWAIT").columns(
     key=String, version=Integer
 )
+
+#: The characters of ``data`` in one of MariaDB's conditional updates, at most.
+_MYSQL_CHUNK_CHARACTERS: Final = 1 << 20
+#: The most rows MariaDB updates at their versions with no read of the versions first.
+_MARIADB_UPDATE_ROWS: Final = 128
+#: The values of one row in MariaDB's conditional update, in the order of its placeholders.
+_MYSQL_VALUES: Final = ("k", "expected", "codec", "data", "version", "data_version", "expires_at")
+
+
+@functools.lru_cache(maxsize=2 * _MARIADB_UPDATE_ROWS)
+def _mariadb_update_at_versions(count: int, *, wait: bool) -> str:
+    """MariaDB's update of ``count`` rows at the versions they were read (``%s`` placeholders:
+    each row's :data:`_MYSQL_VALUES`, then ``touched_at`` and the namespace)."""
+    first = ", ".join(f"%s AS {name}" for name in _MYSQL_VALUES)
+    more = ", ".join(["(" + ", ".join(["%s"] * len(_MYSQL_VALUES)) + ")"] * (count - 1))
+    values = f"SELECT {first}" + (f" UNION ALL VALUES {more}" if more else "")
+    prefix = "" if wait else "SET STATEMENT innodb_lock_wait_timeout = 0 FOR "
+    return (
+        f"{prefix}UPDATE {_TABLE.name} AS t JOIN ({values}) AS v "
+        "ON t.`key` = v.k AND t.version = v.expected "
+        "SET t.codec = v.codec, t.data = v.data, t.version = v.version, "
+        "t.data_version = v.data_version, t.touched_at = %s, t.expires_at = v.expires_at "
+        "WHERE t.namespace = %s"
+    )
+
 
 _DIALECTS: dict[str, Dialect] = {
     "sqlite": _SQLite(),
