@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dtm
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -417,14 +417,16 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         # when first used, so an untouched one costs no lock, no I/O and no key function call.
         spec = self._single
         binding: Binding
+        opening: Awaitable[None] | None = None  # a lazy session opens nothing
         if spec is None:
             binding = MultiBinding([Cell(fragment, update) for fragment in self._specs])
+            opening = binding.open()
         elif spec.lazy:
             binding = LazySession(spec, update)
         else:
             binding = Cell(spec, update)
-        try:
             opening = binding.open()
+        try:
             if opening is not None:
                 await opening
             handler, check = check_result
