@@ -271,8 +271,8 @@ def _scaling_option(parser: Any) -> None:
 async def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _scaling_option)
     n = 1_000 if args.quick else 5_000
-    n_lazy = 2_000 if args.quick else 20_000
-    rounds = 1 if args.quick else 5
+    n_lazy = 2_000 if args.quick else 40_000
+    rounds = 1 if args.quick else 7
     backends = await usable_backends(args.backends)
     rows: list[list[object]] = []
 
