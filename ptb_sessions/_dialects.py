@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import zlib
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Final, cast
@@ -204,7 +205,9 @@ class _SQLite(Dialect):
         self, connection: Connection, rows: Sequence[Mapping[str, Any]]
     ) -> Collection[tuple[str, str]]:
         # As update_at_versions: one executemany, whose row count tells whether all were new.
-        result = connection.exec_driver_sql(_SQLITE_INSERT_ABSENT, list(rows))
+        result = connection.exec_driver_sql(
+            _SQLITE_INSERT_ABSENT.text, _SQLITE_INSERT_ABSENT.bind(rows)
+        )
         if result.rowcount == len(rows):
             return {(row["namespace"], row["key"]) for row in rows}
         return ()
@@ -212,10 +215,13 @@ class _SQLite(Dialect):
     def update_at_versions(
         self, connection: Connection, namespace: str, rows: Sequence[Mapping[str, Any]]
     ) -> Collection[str]:
-        # One executemany of the statement compiled once, the rows passed as they are (no
-        # per-row parameter processing: SQLite's binds need none). Its row count is the sum
-        # over the rows, so it tells only whether every row was updated.
-        result = connection.exec_driver_sql(_SQLITE_UPDATE_AT_VERSION, list(rows))
+        # One executemany of the statement compiled once, each row's values in the order of
+        # its placeholders (no per-row parameter processing: SQLite's binds need none, and
+        # positional binds skip a lookup by name per value). Its row count is the sum over
+        # the rows, so it tells only whether every row was updated.
+        result = connection.exec_driver_sql(
+            _SQLITE_UPDATE_AT_VERSION.text, _SQLITE_UPDATE_AT_VERSION.bind(rows)
+        )
         return {row["k"] for row in rows} if result.rowcount == len(rows) else ()
 
     def lock_versions(
@@ -378,13 +384,29 @@ VALUE_PARAMS: Final[dict[str, Any]] = {name: bindparam(name) for name in _VALUE_
 UPDATE_AT_VERSION = (
     update(_TABLE).where(ONE_ROW, _C.version == bindparam("expected")).values(VALUE_PARAMS)
 )
-_SQLITE_NAMED: Final = sqlite.dialect(paramstyle="named")
-#: :data:`UPDATE_AT_VERSION` as SQLite's text with named parameters.
-_SQLITE_UPDATE_AT_VERSION: Final = str(UPDATE_AT_VERSION.compile(dialect=_SQLITE_NAMED))
-#: The insert of a row unless its key exists, as SQLite's text with named parameters.
-_SQLITE_INSERT_ABSENT: Final = str(
-    sqlite.insert(_TABLE).on_conflict_do_nothing().compile(dialect=_SQLITE_NAMED)
-)
+
+
+class _Positional:
+    """A statement compiled once to SQLite's text with ``?`` placeholders, and how to turn
+    rows of named values into the value tuples of an ``executemany``."""
+
+    __slots__ = ("_values", "text")
+
+    def __init__(self, statement: Any) -> None:
+        compiled = statement.compile(dialect=sqlite.dialect(paramstyle="qmark"))
+        self.text: str = str(compiled)
+        names = compiled.positiontup
+        self._values = operator.itemgetter(*names)
+
+    def bind(self, rows: Sequence[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """The value tuples of ``rows``, in the order of the placeholders."""
+        return list(map(self._values, rows))
+
+
+#: :data:`UPDATE_AT_VERSION` as SQLite's text with positional parameters.
+_SQLITE_UPDATE_AT_VERSION: Final = _Positional(UPDATE_AT_VERSION)
+#: The insert of a row unless its key exists, as SQLite's text with positional parameters.
+_SQLITE_INSERT_ABSENT: Final = _Positional(sqlite.insert(_TABLE).on_conflict_do_nothing())
 #: The characters of ``data`` in one of PostgreSQL's conditional updates, at most.
 _PG_CHUNK_CHARACTERS: Final = 64 << 20
 #: The per-row parameters of PostgreSQL's conditional update, and their array types.
