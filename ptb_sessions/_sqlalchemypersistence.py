@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from sqlalchemy.engine import URL
@@ -781,24 +781,39 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if self._queue_if_changed(tracker, key, value, entry, policy):
             await self._join_batch()
 
-    async def _update(self, tracker: KeyTracker[int], item_id: int, data: Any) -> None:
+    def _update(
+        self, tracker: KeyTracker[int], item_id: int, data: Any
+    ) -> Coroutine[Any, Any, None] | None:
+        """Queue the write of ``data`` for ``item_id`` if it changed. Returns what the caller
+        must await, if anything: the batch, for its first caller (see :meth:`_join_batch`),
+        or the load of a row never loaded. Every other call (most of one
+        ``update_persistence`` run) is done without a coroutine of its own.
+
+        Raises:
+            StorageError: The key's load failed; it is not written.
+            SerializationError: ``data`` cannot be encoded or is too large.
+        """
         entry = tracker.check_writable(item_id)
         if entry is None or entry.state is not KeyState.LOADED:
-            state = KeyState.UNLOADED if entry is None else entry.state
-            if state is KeyState.STALE:
-                return  # a conflict dropped this data; the row is read again first
+            if entry is not None and entry.state is KeyState.STALE:
+                return None  # a conflict dropped this data; the row is read again first
             if self.lazy:
-                # Never loaded here (lazy, or an id touched only through
-                # Application.mark_data_for_update_persistence): load the row first and merge.
-                data = await self._merge_unloaded(tracker, item_id, data)
-                entry = tracker.get(item_id)
-            else:
-                entry = tracker.loaded(item_id, None, None)  # eager: every row was loaded
+                return self._update_unloaded(tracker, item_id, data)
+            entry = tracker.loaded(item_id, None, None)  # eager: every row was loaded
         if (
             self._queue_if_changed(tracker, str(item_id), data, entry, self._data_policy)
             and self._batch_task is None
         ):
-            await self._join_batch()
+            return self._join_batch()
+        return None
+
+    async def _update_unloaded(self, tracker: KeyTracker[int], item_id: int, data: Any) -> None:
+        """Never loaded here (lazy, or an id touched only through
+        Application.mark_data_for_update_persistence): load the row first and merge."""
+        data = await self._merge_unloaded(tracker, item_id, data)
+        await self._write_if_changed(
+            tracker, str(item_id), data, tracker.get(item_id), self._data_policy
+        )
 
     async def _merge_unloaded(self, tracker: KeyTracker[int], item_id: int, data: Any) -> Any:
         key = str(item_id)
@@ -835,12 +850,16 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     async def update_user_data(self, user_id: int, data: UD) -> None:
         """Called by :meth:`~telegram.ext.Application.update_persistence` for each user whose
         data may have changed. Writes the row only if its encoding changed."""
-        await self._update(self._users, user_id, data)
+        waiting = self._update(self._users, user_id, data)
+        if waiting is not None:
+            await waiting
 
     async def update_chat_data(self, chat_id: int, data: CD) -> None:
         """Called by :meth:`~telegram.ext.Application.update_persistence` for each chat whose
         data may have changed. Writes the row only if its encoding changed."""
-        await self._update(self._chats, chat_id, data)
+        waiting = self._update(self._chats, chat_id, data)
+        if waiting is not None:
+            await waiting
 
     async def update_bot_data(self, data: BD) -> None:
         """Called at every :meth:`~telegram.ext.Application.update_persistence`; writes only if
@@ -1053,7 +1072,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if entry is None or entry.state is not KeyState.LOADED or held is None:
             return
         if held is entry.held:
-            await self._update(self._chats, chat_id, copy.deepcopy(held))
+            waiting = self._update(self._chats, chat_id, copy.deepcopy(held))
+            if waiting is not None:
+                await waiting
 
     def _moved_in_memory(self, old_chat_id: int, new_chat_id: int) -> None:
         """The old chat's row moved to the new chat: so does the data the application holds."""

@@ -109,6 +109,6 @@ async def test_writes_without_a_check_still_apply(fresh_db_url: str) -> None:
 def test_rows_are_chunked_by_the_size_of_their_data() -> None:
     from ptb_sessions._dialects import _chunks_of_size
 
-    rows = [{"data": "x" * size} for size in (5, 5, 20, 1, 1, 1)]
-    chunks = [[len(row["data"]) for row in chunk] for chunk in _chunks_of_size(rows, 10)]
+    writes = [Write("chat_data", str(i), "x" * size) for i, size in enumerate((5, 5, 20, 1, 1, 1))]
+    chunks = [[len(w.data or "") for w in chunk] for chunk in _chunks_of_size(writes, 10)]
     assert chunks == [[5, 5], [20], [1, 1, 1]]
