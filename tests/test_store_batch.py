@@ -4,13 +4,17 @@ stored versions, in any mix, with every stored row checked at the end."""
 
 from __future__ import annotations
 
+import time
+import unicodedata
 from typing import Any
 
 import pytest
 from _statements import StatementLog
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from ptb_sessions import ConflictError
-from ptb_sessions._store import ANY_VERSION, Database, Write
+from ptb_sessions import ConflictError, StorageError
+from ptb_sessions._store import _C, ANY_VERSION, Database, Write
 
 
 async def stored(database: Database, namespace: str) -> dict[str, tuple[str | None, int]]:
@@ -112,3 +116,88 @@ def test_rows_are_chunked_by_the_size_of_their_data() -> None:
     writes = [Write("chat_data", str(i), "x" * size) for i, size in enumerate((5, 5, 20, 1, 1, 1))]
     chunks = [[len(w.data or "") for w in chunk] for chunk in _chunks_of_size(writes, 10)]
     assert chunks == [[5, 5], [20], [1, 1, 1]]
+
+
+#: Keys that a case- or space-insensitive collation, or Unicode normalization, would take for
+#: one another.
+LOOKALIKE_KEYS = [
+    "a",
+    "A",
+    "a ",
+    " a",
+    "é",
+    unicodedata.normalize("NFD", "é"),
+    "ß",
+    "ss",
+    "ı",
+    "i",
+]
+
+
+async def test_lookalike_keys_stay_apart_in_batches_decided_by_stored_versions(
+    fresh_db_url: str,
+) -> None:
+    """New rows, changes at the version read (one of them a conflict) and writes without a
+    check, each kind as one batch: the batch statements bind every key exactly as it is,
+    and the stored versions they read are matched to the right keys."""
+    database = Database(fresh_db_url)
+    other = Database(fresh_db_url)  # another process
+    try:
+        new = [
+            Write("chat_data", key, f'"{i}"', expected_version=None)
+            for i, key in enumerate(LOOKALIKE_KEYS)
+        ]
+        assert await database.apply(new) == {}
+        changed = [
+            Write("chat_data", w.key, f'"{i}-1"', expected_version=w.version)
+            for i, w in enumerate(new)
+        ]
+        assert await database.apply(changed) == {}
+        moved = Write("chat_data", "A", '"other"', expected_version=changed[1].version)
+        assert await other.apply([moved]) == {}
+
+        late = [
+            Write("chat_data", w.key, f'"{i}-2"', expected_version=w.version)
+            for i, w in enumerate(changed)
+        ]
+        errors = await database.apply(late)
+        assert set(errors) == {("chat_data", "A")}
+        assert isinstance(errors[("chat_data", "A")], ConflictError)
+        expected = {w.key: (w.data, w.version) for w in late if w.key != "A"}
+        assert await stored(database, "chat_data") == {**expected, "A": ('"other"', moved.version)}
+
+        blind = [Write("chat_data", key, f'"{i}-3"') for i, key in enumerate(LOOKALIKE_KEYS)]
+        assert await database.apply(blind) == {}
+        assert await stored(database, "chat_data") == {w.key: (w.data, w.version) for w in blind}
+    finally:
+        await database.dispose()
+        await other.dispose()
+
+
+async def test_a_batch_that_must_not_wait_fails_at_once_on_a_locked_row(
+    backend: str, fresh_db_url: str
+) -> None:
+    if backend == "sqlite":
+        pytest.skip("SQLite locks the whole file, not rows: a batch waits for the other writer")
+    database = Database(fresh_db_url)
+    holder = create_async_engine(fresh_db_url)
+    try:
+        first = Write("chat_data", "k", '"1"', expected_version=None)
+        assert await database.apply([first]) == {}
+        async with holder.connect() as connection, connection.begin():
+            await connection.execute(
+                select(_C.version)
+                .where(_C.namespace == "chat_data", _C.key == "k")
+                .with_for_update()
+            )
+            started = time.monotonic()
+            with pytest.raises(StorageError):
+                await database.apply_batch(
+                    [Write("chat_data", "k", '"2"', expected_version=first.version)],
+                    wait_for_locks=False,
+                )
+            assert time.monotonic() - started < 5  # not the 30 s deadline
+        assert await stored(database, "chat_data") == {"k": ('"1"', first.version)}
+    finally:
+        await database.dispose()
+        await holder.dispose()
