@@ -263,10 +263,22 @@ class _SQLite(Dialect):
         # its placeholders (no per-row parameter processing: SQLite's binds need none, and
         # positional binds skip a lookup by name per value). Its row count is the sum over
         # the rows, so it tells only whether every row was updated.
-        result = connection.exec_driver_sql(
-            _SQLITE_UPDATE_AT_VERSION.text, _SQLITE_UPDATE_AT_VERSION.bind(writes, now)
-        )
-        return {write.key for write in writes} if result.rowcount == len(writes) else ()
+        #
+        # A write without an expiry (no ttl) leaves expires_at out of its SET: SQLite rewrites
+        # a row's entry in the expiry index for every column a SET names, changed or not (a
+        # third of the statement's time). It applies only to a row stored without an expiry
+        # too; a row that still has one is written in full by the stored versions' check.
+        lasting = [write for write in writes if write.expires_at is None]
+        expiring = [write for write in writes if write.expires_at is not None]
+        updated = 0
+        for statement, group in (
+            (_SQLITE_UPDATE_LASTING, lasting),
+            (_SQLITE_UPDATE_AT_VERSION, expiring),
+        ):
+            if group:
+                result = connection.exec_driver_sql(statement.text, statement.bind(group, now))
+                updated += result.rowcount
+        return {write.key for write in writes} if updated == len(writes) else ()
 
     def lock_versions(
         self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
@@ -523,6 +535,12 @@ def _mysql_lock_versions(count: int, wait: bool) -> str:
 
 #: :data:`UPDATE_AT_VERSION` as SQLite's text with positional parameters.
 _SQLITE_UPDATE_AT_VERSION: Final = _Positional(UPDATE_AT_VERSION)
+#: The same for a row stored without an expiry that stays without one.
+_SQLITE_UPDATE_LASTING: Final = _Positional(
+    update(_TABLE)
+    .where(ONE_ROW, _C.version == bindparam("expected"), _C.expires_at.is_(None))
+    .values({name: value for name, value in VALUE_PARAMS.items() if name != "expires_at"})
+)
 #: The insert of a row unless its key exists, as SQLite's text with positional parameters.
 _SQLITE_INSERT_ABSENT: Final = _Positional(sqlite.insert(_TABLE).on_conflict_do_nothing())
 #: The characters of ``data`` in one of PostgreSQL's conditional updates, at most.

@@ -201,3 +201,27 @@ async def test_a_batch_that_must_not_wait_fails_at_once_on_a_locked_row(
     finally:
         await database.dispose()
         await holder.dispose()
+
+
+async def test_a_change_without_an_expiry_clears_a_stored_one(fresh_db_url: str) -> None:
+    """ttl turned off: a batch of changes at the version read, some of whose rows still have
+    an expiry, stores every row without one (else the purge would delete them later)."""
+    database = Database(fresh_db_url)
+    try:
+        expires = database.clock() + 3600
+        new = [
+            Write("chat_data", str(i), f'"{i}"', expected_version=None, expires_at=expires)
+            for i in range(3)
+        ] + [Write("chat_data", str(i), f'"{i}"', expected_version=None) for i in range(3, 6)]
+        assert await database.apply(new) == {}
+        changed = [
+            Write("chat_data", w.key, f'"{w.key}-1"', expected_version=w.version) for w in new
+        ]
+        assert await database.apply(changed) == {}
+        rows = {key: record async for key, record in database.scan("chat_data")}
+        assert {key: (r.data, r.version, r.expires_at) for key, r in rows.items()} == {
+            w.key: (w.data, w.version, None) for w in changed
+        }
+        assert await database.purge_expired(now=expires + 1) == 0
+    finally:
+        await database.dispose()
