@@ -759,13 +759,11 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         encoded = policy.encode(value, f"{namespace}[{key}]")
         if entry is not None and entry.is_unchanged(hash(encoded[1])):
             where = (namespace, key)
-            if where in self._pending:
-                pass  # an older write of this key is queued: this one replaces it
-            elif policy.touch_due(entry.expires_at):
-                self._touches.add(where)
+            if where not in self._pending:  # else this write replaces an older queued one
+                if not policy.touch_due(entry.expires_at):
+                    return False
+                self._touches.add(where)  # unchanged, but its expiry is refreshed
                 return True
-            else:
-                return False
         expected = entry.version if loaded else ANY_VERSION  # type: ignore[union-attr]
         self._pending.put(policy.write_encoded(namespace, key, encoded, expected_version=expected))
         return True
