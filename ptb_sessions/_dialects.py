@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import operator
 import zlib
-from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
-from typing import Any, ClassVar, Final, cast
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from typing import Any, ClassVar, Final, Protocol, cast
 
 from sqlalchemy import Integer, String, Table, any_, bindparam, event, select, text, update
 from sqlalchemy.dialects import mysql, postgresql, sqlite
@@ -30,6 +31,7 @@ __all__ = [
     "UPDATE_AT_VERSION",
     "VALUE_PARAMS",
     "Dialect",
+    "RowWrite",
     "dialect_for",
 ]
 
@@ -54,6 +56,42 @@ def _lock_id(name: str) -> int:
 POOL_SIZE: Final = 15
 #: Connections it may open beyond those, closed again when returned.
 POOL_OVERFLOW: Final = 0
+
+
+class RowWrite(Protocol):
+    """A write as the batch statements read it: :class:`~ptb_sessions._store.Write`."""
+
+    namespace: str
+    key: str
+    codec: str
+    data: str | None
+    version: int
+    data_version: float | None
+    expires_at: float | None
+    expected_version: int | None
+
+    def row(self, now: float) -> dict[str, Any]:
+        """The row's columns, touched at ``now``."""
+        ...
+
+
+#: The attribute of a :class:`RowWrite` behind each statement parameter whose name is not
+#: the attribute's.
+_WRITE_ATTRIBUTES: Final = {"ns": "namespace", "k": "key", "expected": "expected_version"}
+
+
+def _value_of(parameter: str) -> Callable[[RowWrite], Any]:
+    """The value of ``parameter`` in a write."""
+    return operator.attrgetter(_WRITE_ATTRIBUTES.get(parameter, parameter))
+
+
+def _values_of(parameters: Sequence[str]) -> Callable[[RowWrite], tuple[Any, ...]]:
+    """The values of ``parameters`` in a write, as a tuple."""
+    attributes = [_WRITE_ATTRIBUTES.get(name, name) for name in parameters]
+    if len(attributes) == 1:
+        value = operator.attrgetter(attributes[0])
+        return lambda write: (value(write),)
+    return operator.attrgetter(*attributes)
 
 
 class Dialect:
@@ -103,36 +141,43 @@ class Dialect:
         """The condition ``key IN (keys)``."""
         return _C.key.in_(keys)
 
+    def upsert_rows(self, connection: Connection, writes: Sequence[RowWrite], now: float) -> None:
+        """Store the row of each write, touched at ``now``, whether or not its key exists
+        (:meth:`upsert`, as one ``executemany``)."""
+        connection.execute(self.upsert(), [write.row(now) for write in writes])
+
     def code_point_order(self, column: Any) -> Any:
         """``column`` for ``ORDER BY`` in code point order, whatever the collation."""
         return column
 
     def insert_absent(
-        self, connection: Connection, rows: Sequence[Mapping[str, Any]]
+        self, connection: Connection, writes: Sequence[RowWrite], now: float
     ) -> Collection[tuple[str, str]]:
-        """Insert each row whose key does not exist yet, with no read first. ``rows`` are the
-        columns of :meth:`~ptb_sessions._store.Write.row`.
+        """Insert the row of each write whose key does not exist yet, with no read first,
+        touched at ``now``.
 
         Returns:
             ``(namespace, key)`` of the rows known to be inserted: every inserted one, or fewer
             where the backend cannot tell which (the caller checks those by their stored
             version).
         """
-        result = connection.execute(self.insert_new(), rows)
+        result = connection.execute(self.insert_new(), [write.row(now) for write in writes])
         return {(namespace, key) for namespace, key in result}
 
     def update_at_versions(
         self,
         connection: Connection,
         namespace: str,
-        rows: Sequence[Mapping[str, Any]],
+        writes: Sequence[RowWrite],
+        now: float,
         *,
         wait: bool = True,
     ) -> Collection[str]:
-        """Update each row of ``namespace`` whose stored version is still the one it was
-        read at (``expected``) to its new values, with no read first. ``rows`` are the
-        parameters of :meth:`~ptb_sessions._store.Write.params`. With ``wait=False``, a row
-        locked by another transaction fails the statement at once.
+        """Update the row of each write of ``namespace`` whose stored version is still the one
+        it was read at (``expected_version``) to the write's values, touched at ``now``, with
+        no read first. The writes' values go to the database as they are, with no row of
+        named parameters built per write. With ``wait=False``, a row locked by another
+        transaction fails the statement at once.
 
         Returns:
             The keys known to be updated: every updated one, or fewer where the backend cannot
@@ -211,28 +256,46 @@ class _SQLite(Dialect):
         return sqlite.insert(_TABLE).on_conflict_do_nothing().returning(_C.namespace, _C.key)
 
     def insert_absent(
-        self, connection: Connection, rows: Sequence[Mapping[str, Any]]
+        self, connection: Connection, writes: Sequence[RowWrite], now: float
     ) -> Collection[tuple[str, str]]:
         # As update_at_versions: one executemany, whose row count tells whether all were new.
-        result = connection.exec_driver_sql(_SQLITE_INSERT_ABSENT, list(rows))
-        if result.rowcount == len(rows):
-            return {(row["namespace"], row["key"]) for row in rows}
+        result = connection.exec_driver_sql(
+            _SQLITE_INSERT_ABSENT.text, _SQLITE_INSERT_ABSENT.bind(writes, now)
+        )
+        if result.rowcount == len(writes):
+            return {(write.namespace, write.key) for write in writes}
         return ()
 
     def update_at_versions(
         self,
         connection: Connection,
         namespace: str,
-        rows: Sequence[Mapping[str, Any]],
+        writes: Sequence[RowWrite],
+        now: float,
         *,
         wait: bool = True,
     ) -> Collection[str]:
         # No row locks to wait for (see row_locks). One executemany of the statement compiled
-        # once, the rows passed as they are (no per-row parameter processing: SQLite's binds
-        # need none). Its row count is the sum over the rows, so it tells only whether every
-        # row was updated.
-        result = connection.exec_driver_sql(_SQLITE_UPDATE_AT_VERSION, list(rows))
-        return {row["k"] for row in rows} if result.rowcount == len(rows) else ()
+        # once, each row's values in the order of its placeholders (no per-row parameter
+        # processing: SQLite's binds need none, and positional binds skip a lookup by name per
+        # value). Its row count is the sum over the rows, so it tells only whether every row
+        # was updated.
+        #
+        # A write without an expiry (no ttl) leaves expires_at out of its SET: SQLite rewrites
+        # a row's entry in the expiry index for every column a SET names, changed or not (a
+        # third of the statement's time). It applies only to a row stored without an expiry
+        # too; a row that still has one is written in full by the stored versions' check.
+        lasting = [write for write in writes if write.expires_at is None]
+        expiring = [write for write in writes if write.expires_at is not None]
+        updated = 0
+        for statement, group in (
+            (_SQLITE_UPDATE_LASTING, lasting),
+            (_SQLITE_UPDATE_AT_VERSION, expiring),
+        ):
+            if group:
+                result = connection.exec_driver_sql(statement.text, statement.bind(group, now))
+                updated += result.rowcount
+        return {write.key for write in writes} if updated == len(writes) else ()
 
     def lock_versions(
         self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
@@ -265,12 +328,14 @@ class _PostgreSQL(Dialect):
         return postgresql.insert(_TABLE).on_conflict_do_nothing().returning(_C.namespace, _C.key)
 
     def insert_absent(
-        self, connection: Connection, rows: Sequence[Mapping[str, Any]]
+        self, connection: Connection, writes: Sequence[RowWrite], now: float
     ) -> Collection[tuple[str, str]]:
         # As update_at_versions: one statement over arrays of the columns.
         inserted: set[tuple[str, str]] = set()
-        for chunk in _chunks_of_size(rows, _PG_CHUNK_CHARACTERS):
-            params = {column: [row[column] for row in chunk] for column in _INSERT_COLUMNS}
+        for chunk in _chunks_of_size(writes, _PG_CHUNK_CHARACTERS):
+            params: dict[str, Any] = {"touched_at": [now] * len(chunk)}
+            for column, value in _PG_INSERT_VALUES.items():
+                params[column] = list(map(value, chunk))
             result = connection.execute(_PG_INSERT_ABSENT, params)
             inserted.update((namespace, key) for namespace, key in result)
         return inserted
@@ -279,7 +344,8 @@ class _PostgreSQL(Dialect):
         self,
         connection: Connection,
         namespace: str,
-        rows: Sequence[Mapping[str, Any]],
+        writes: Sequence[RowWrite],
+        now: float,
         *,
         wait: bool = True,
     ) -> Collection[str]:
@@ -289,10 +355,10 @@ class _PostgreSQL(Dialect):
         # NOWAIT, in a subquery (a locked row fails it before it would wait in the update).
         statement = _PG_UPDATE_AT_VERSIONS if wait else _PG_UPDATE_AT_VERSIONS_NOWAIT
         updated: set[str] = set()
-        for chunk in _chunks_of_size(rows, _PG_CHUNK_CHARACTERS):
-            params: dict[str, Any] = {"ns": namespace, "touched_at": chunk[0]["touched_at"]}
-            for column in _ARRAY_COLUMNS:
-                params[column] = [row[column] for row in chunk]
+        for chunk in _chunks_of_size(writes, _PG_CHUNK_CHARACTERS):
+            params: dict[str, Any] = {"ns": namespace, "touched_at": now}
+            for column, value in _PG_UPDATE_VALUES.items():
+                params[column] = list(map(value, chunk))
             updated.update(key for (key,) in connection.execute(statement, params))
         return updated
 
@@ -350,6 +416,39 @@ class _MySQL(Dialect):
         stmt = mysql.insert(_TABLE)
         return stmt.on_duplicate_key_update({name: stmt.inserted[name] for name in _VALUE_COLUMNS})
 
+    def lock_versions(
+        self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
+    ) -> dict[str, int]:
+        # The statement's text made once per number of keys, the keys bound as the UTF-8
+        # bytes of their VARBINARY column (ExactString): no expansion of an IN list and no
+        # per-key parameter processing by SQLAlchemy at every call.
+        result = connection.exec_driver_sql(
+            _mysql_lock_versions(len(keys), wait),
+            (namespace.encode(), *(key.encode() for key in keys)),
+        )
+        return {bytes(key).decode(): version for key, version in result}
+
+    def upsert_rows(self, connection: Connection, writes: Sequence[RowWrite], now: float) -> None:
+        # The statement compiled once, each row's values a tuple in the order of its
+        # placeholders: no per-row parameter processing by SQLAlchemy. The namespace and the
+        # key are VARBINARY holding UTF-8 here (ExactString), so they go as UTF-8 bytes.
+        connection.exec_driver_sql(
+            _MYSQL_UPSERT,
+            [
+                (
+                    write.namespace.encode(),
+                    write.key.encode(),
+                    write.codec,
+                    write.data,
+                    write.version,
+                    write.data_version,
+                    now,
+                    write.expires_at,
+                )
+                for write in writes
+            ],
+        )
+
     def insert_new(self) -> Any:
         return mysql.insert(_TABLE).prefix_with("IGNORE").returning(_C.namespace, _C.key)
 
@@ -386,7 +485,8 @@ class _MySQL(Dialect):
         self,
         connection: Connection,
         namespace: str,
-        rows: Sequence[Mapping[str, Any]],
+        writes: Sequence[RowWrite],
+        now: float,
         *,
         wait: bool = True,
     ) -> Collection[str]:
@@ -395,21 +495,22 @@ class _MySQL(Dialect):
         # whether every row of the chunk was updated. Without waiting, SET STATEMENT gives it
         # no time for a row lock. On the server it costs more per row than the upsert (26 ms
         # against 15 ms for 1,000 rows), so a larger batch reads the versions first, as MySQL
-        # does (no table value constructor, no SET STATEMENT).
+        # does (no table value constructor, no SET STATEMENT). The key is VARBINARY holding
+        # UTF-8 here (ExactString), so it goes as UTF-8 bytes.
         mariadb = getattr(connection.dialect, "is_mariadb", False)
-        if len(rows) > _MARIADB_UPDATE_ROWS or not mariadb:
+        if len(writes) > _MARIADB_UPDATE_ROWS or not mariadb:
             return ()
         updated: list[str] = []
-        for chunk in _chunks_of_size(rows, _MYSQL_CHUNK_CHARACTERS):
+        for chunk in _chunks_of_size(writes, _MYSQL_CHUNK_CHARACTERS):
             params: list[Any] = []
-            for row in chunk:
-                params += [row["k"].encode(), row["expected"], row["codec"], row["data"]]
-                params += [row["version"], row["data_version"], row["expires_at"]]
-            params += [chunk[0]["touched_at"], namespace.encode()]
+            for write in chunk:
+                params += [write.key.encode(), write.expected_version, write.codec, write.data]
+                params += [write.version, write.data_version, write.expires_at]
+            params += [now, namespace.encode()]
             statement = _mariadb_update_at_versions(len(chunk), wait=wait)
             result = connection.exec_driver_sql(statement, tuple(params))
             if result.rowcount == len(chunk):
-                updated.extend(row["k"] for row in chunk)
+                updated.extend(write.key for write in chunk)
         return updated
 
     def is_connection_error(self, exc: BaseException) -> bool:
@@ -432,13 +533,74 @@ VALUE_PARAMS: Final[dict[str, Any]] = {name: bindparam(name) for name in _VALUE_
 UPDATE_AT_VERSION = (
     update(_TABLE).where(ONE_ROW, _C.version == bindparam("expected")).values(VALUE_PARAMS)
 )
-_SQLITE_NAMED: Final = sqlite.dialect(paramstyle="named")
-#: :data:`UPDATE_AT_VERSION` as SQLite's text with named parameters.
-_SQLITE_UPDATE_AT_VERSION: Final = str(UPDATE_AT_VERSION.compile(dialect=_SQLITE_NAMED))
-#: The insert of a row unless its key exists, as SQLite's text with named parameters.
-_SQLITE_INSERT_ABSENT: Final = str(
-    sqlite.insert(_TABLE).on_conflict_do_nothing().compile(dialect=_SQLITE_NAMED)
+
+
+class _Positional:
+    """A statement compiled once to SQLite's text with ``?`` placeholders, and how to turn
+    writes into the value tuples of an ``executemany`` (``touched_at`` is the batch's time,
+    every other value an attribute of the write)."""
+
+    __slots__ = ("_after", "_before", "text")
+
+    def __init__(self, statement: Any) -> None:
+        compiled = statement.compile(dialect=sqlite.dialect(paramstyle="qmark"))
+        self.text: str = str(compiled)
+        names = list(compiled.positiontup or ())
+        split = names.index("touched_at")
+        self._before = _values_of(names[:split])
+        self._after = _values_of(names[split + 1 :])
+
+    def bind(self, writes: Sequence[RowWrite], now: float) -> list[tuple[Any, ...]]:
+        """The value tuples of ``writes``, in the order of the placeholders."""
+        before, after = self._before, self._after
+        return [(*before(write), now, *after(write)) for write in writes]
+
+
+def _mysql_upsert() -> str:
+    """The upsert of MySQL and MariaDB as the drivers' text with ``%s`` placeholders, whose
+    order :meth:`_MySQL.upsert_rows` follows."""
+    compiled = _MySQL().upsert().compile(dialect=mysql.dialect(paramstyle="format"))
+    assert compiled.positiontup == [
+        "namespace",
+        "key",
+        "codec",
+        "data",
+        "version",
+        "data_version",
+        "touched_at",
+        "expires_at",
+    ], compiled.positiontup
+    return str(compiled)
+
+
+_MYSQL_UPSERT: Final = _mysql_upsert()
+
+
+@functools.lru_cache(maxsize=64)
+def _mysql_lock_versions(count: int, wait: bool) -> str:
+    """:meth:`Dialect.lock_versions` of ``count`` keys as the drivers' text with ``%s``
+    placeholders (the namespace, then the keys)."""
+    statement = (
+        select(_C.key, _C.version)
+        .where(_C.namespace == "ns", _C.key.in_([f"k{i}" for i in range(count)]))
+        .with_for_update(nowait=not wait)
+    )
+    compiled = statement.compile(
+        dialect=mysql.dialect(paramstyle="format"), compile_kwargs={"render_postcompile": True}
+    )
+    return str(compiled)
+
+
+#: :data:`UPDATE_AT_VERSION` as SQLite's text with positional parameters.
+_SQLITE_UPDATE_AT_VERSION: Final = _Positional(UPDATE_AT_VERSION)
+#: The same for a row stored without an expiry that stays without one.
+_SQLITE_UPDATE_LASTING: Final = _Positional(
+    update(_TABLE)
+    .where(ONE_ROW, _C.version == bindparam("expected"), _C.expires_at.is_(None))
+    .values({name: value for name, value in VALUE_PARAMS.items() if name != "expires_at"})
 )
+#: The insert of a row unless its key exists, as SQLite's text with positional parameters.
+_SQLITE_INSERT_ABSENT: Final = _Positional(sqlite.insert(_TABLE).on_conflict_do_nothing())
 #: The characters of ``data`` in one of PostgreSQL's conditional updates, at most.
 _PG_CHUNK_CHARACTERS: Final = 64 << 20
 #: The per-row parameters of PostgreSQL's conditional update, and their array types.
@@ -451,6 +613,8 @@ _ARRAY_COLUMNS: Final = {
     "expires_at": "DOUBLE PRECISION",
     "expected": "INTEGER",
 }
+#: Each array of PostgreSQL's conditional update, from a write.
+_PG_UPDATE_VALUES: Final = {name: _value_of(name) for name in _ARRAY_COLUMNS}
 _PG_UPDATE_AT_VERSIONS_SQL = (
     f"UPDATE {_TABLE.name} AS t SET codec = v.codec, data = v.data, version = v.version, "
     "data_version = v.data_version, touched_at = :touched_at, expires_at = v.expires_at "
@@ -478,6 +642,10 @@ _INSERT_COLUMNS: Final = {
     "data_version": "DOUBLE PRECISION",
     "touched_at": "DOUBLE PRECISION",
     "expires_at": "DOUBLE PRECISION",
+}
+#: Each array of PostgreSQL's insert-only but ``touched_at`` (the batch's time), from a write.
+_PG_INSERT_VALUES: Final = {
+    name: _value_of(name) for name in _INSERT_COLUMNS if name != "touched_at"
 }
 _PG_INSERT_ABSENT = text(
     f"INSERT INTO {_TABLE.name} ("
@@ -524,19 +692,18 @@ _DIALECTS: dict[str, Dialect] = {
 }
 
 
-def _chunks_of_size(
-    rows: Sequence[Mapping[str, Any]], limit: int
-) -> Iterator[Sequence[Mapping[str, Any]]]:
-    """``rows`` in consecutive chunks whose ``data`` add up to at most ``limit`` characters
-    (a larger row on its own)."""
+def _chunks_of_size(writes: Sequence[RowWrite], limit: int) -> Iterator[Sequence[RowWrite]]:
+    """``writes`` in consecutive chunks whose ``data`` add up to at most ``limit`` characters
+    (a larger one on its own)."""
     start = size = 0
-    for end, row in enumerate(rows):
-        size += len(row["data"])
+    for end, write in enumerate(writes):
+        length = len(write.data or "")
+        size += length
         if size > limit and end > start:
-            yield rows[start:end]
-            start, size = end, len(row["data"])
-    if start < len(rows):
-        yield rows[start:]
+            yield writes[start:end]
+            start, size = end, length
+    if start < len(writes):
+        yield writes[start:]
 
 
 def dialect_for(backend: str) -> Dialect:

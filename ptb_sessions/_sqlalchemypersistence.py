@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 from sqlalchemy.engine import URL
@@ -664,11 +664,6 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if self._batch_task is None:  # else a batch of this loop tick will carry it
             await self._join_batch()
 
-    async def _submit_touch(self, namespace: str, key: str) -> None:
-        """Queue a refresh of the expiry of an unchanged row for this loop tick's batch."""
-        self._touches.add((namespace, key))
-        await self._join_batch()
-
     async def _join_batch(self) -> None:
         """Every ``update_*`` call of one :meth:`~telegram.ext.Application.update_persistence`
         run starts in the same loop iteration (PTB gathers them), so they share one batch and
@@ -751,10 +746,46 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         else:
             tracker.written(key, write.new_version, hash(write.data), write.expires_at)
 
-    def _touch_due(self, entry: TrackedKey | None) -> bool:
-        """Whether an unchanged row's expiry must be refreshed now (it may wait up to a tenth
-        of the ttl)."""
-        return self._data_policy.touch_due(None if entry is None else entry.expires_at)
+    def _queue_if_changed(
+        self,
+        tracker: KeyTracker[Any],
+        key: str,
+        value: Any,
+        entry: TrackedKey | None,
+        policy: RowPolicy,
+    ) -> bool:
+        """Queue the write of ``value`` if its encoding differs from the stored one (or the
+        refresh of its expiry if only that is due). Whether anything was queued: then the
+        caller joins this loop tick's batch (:meth:`_join_batch`).
+
+        Synchronous, so that the many ``update_*`` calls of one run (one coroutine each, in
+        PTB's gather) cost one encode each and no coroutine of their own.
+
+        Raises:
+            SerializationError: ``value`` cannot be encoded or is too large.
+        """
+        namespace = tracker.namespace
+        check_key(namespace, key)
+        loaded = entry is not None and entry.state is KeyState.LOADED
+        if (
+            loaded
+            and entry.version is None  # type: ignore[union-attr]
+            and not value
+            and isinstance(value, Mapping)
+            and not getattr(value, "__dict__", None)  # a dict subclass's attributes are data
+        ):
+            return False  # nothing stored and nothing to store
+        encoded = policy.encode(value, f"{namespace}[{key}]")
+        if entry is not None and entry.is_unchanged(hash(encoded[1])):
+            where = (namespace, key)
+            if where not in self._pending:  # else this write replaces an older queued one
+                if not policy.touch_due(entry.expires_at):
+                    return False
+                self._touches.add(where)  # unchanged, but its expiry is refreshed
+                return True
+        expected = entry.version if loaded else ANY_VERSION  # type: ignore[union-attr]
+        self._pending.put(policy.write_encoded(namespace, key, encoded, expected_version=expected))
+        return True
 
     async def _write_if_changed(
         self,
@@ -764,45 +795,42 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         entry: TrackedKey | None,
         policy: RowPolicy,
     ) -> None:
-        namespace = tracker.namespace
-        check_key(namespace, key)
-        loaded = entry is not None and entry.state is KeyState.LOADED
-        if (
-            loaded
-            and entry.version is None  # type: ignore[union-attr]
-            and isinstance(value, Mapping)
-            and not value
-            and not getattr(value, "__dict__", None)  # a dict subclass's attributes are data
-        ):
-            return  # nothing stored and nothing to store
-        encoded = policy.encode(value, f"{namespace}[{key}]")
-        if (
-            entry is not None
-            and entry.is_unchanged(hash(encoded[1]))
-            and (namespace, key) not in self._pending
-        ):
-            if policy.ttl is not None and self._touch_due(entry):
-                await self._submit_touch(namespace, key)
-            return
-        expected = entry.version if loaded else ANY_VERSION  # type: ignore[union-attr]
-        await self._submit(
-            policy.write_encoded(namespace, key, encoded, expected_version=expected)
-        )
+        if self._queue_if_changed(tracker, key, value, entry, policy):
+            await self._join_batch()
 
-    async def _update(self, tracker: KeyTracker[int], item_id: int, data: Any) -> None:
+    def _update(
+        self, tracker: KeyTracker[int], item_id: int, data: Any
+    ) -> Coroutine[Any, Any, None] | None:
+        """Queue the write of ``data`` for ``item_id`` if it changed. Returns what the caller
+        must await, if anything: the batch, for its first caller (see :meth:`_join_batch`),
+        or the load of a row never loaded. Every other call (most of one
+        ``update_persistence`` run) is done without a coroutine of its own.
+
+        Raises:
+            StorageError: The key's load failed; it is not written.
+            SerializationError: ``data`` cannot be encoded or is too large.
+        """
         entry = tracker.check_writable(item_id)
-        state = KeyState.UNLOADED if entry is None else entry.state
-        if state is KeyState.STALE:
-            return  # a conflict dropped this data; the row is read again first
-        if state is KeyState.UNLOADED:
+        if entry is None or entry.state is not KeyState.LOADED:
+            if entry is not None and entry.state is KeyState.STALE:
+                return None  # a conflict dropped this data; the row is read again first
             if self.lazy:
-                # Never loaded here (lazy, or an id touched only through
-                # Application.mark_data_for_update_persistence): load the row first and merge.
-                data = await self._merge_unloaded(tracker, item_id, data)
-                entry = tracker.get(item_id)
-            else:
-                entry = tracker.loaded(item_id, None, None)  # eager: every row was loaded
-        await self._write_if_changed(tracker, str(item_id), data, entry, self._data_policy)
+                return self._update_unloaded(tracker, item_id, data)
+            entry = tracker.loaded(item_id, None, None)  # eager: every row was loaded
+        if (
+            self._queue_if_changed(tracker, str(item_id), data, entry, self._data_policy)
+            and self._batch_task is None
+        ):
+            return self._join_batch()
+        return None
+
+    async def _update_unloaded(self, tracker: KeyTracker[int], item_id: int, data: Any) -> None:
+        """Never loaded here (lazy, or an id touched only through
+        Application.mark_data_for_update_persistence): load the row first and merge."""
+        data = await self._merge_unloaded(tracker, item_id, data)
+        await self._write_if_changed(
+            tracker, str(item_id), data, tracker.get(item_id), self._data_policy
+        )
 
     async def _merge_unloaded(self, tracker: KeyTracker[int], item_id: int, data: Any) -> Any:
         key = str(item_id)
@@ -839,12 +867,16 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     async def update_user_data(self, user_id: int, data: UD) -> None:
         """Called by :meth:`~telegram.ext.Application.update_persistence` for each user whose
         data may have changed. Writes the row only if its encoding changed."""
-        await self._update(self._users, user_id, data)
+        waiting = self._update(self._users, user_id, data)
+        if waiting is not None:
+            await waiting
 
     async def update_chat_data(self, chat_id: int, data: CD) -> None:
         """Called by :meth:`~telegram.ext.Application.update_persistence` for each chat whose
         data may have changed. Writes the row only if its encoding changed."""
-        await self._update(self._chats, chat_id, data)
+        waiting = self._update(self._chats, chat_id, data)
+        if waiting is not None:
+            await waiting
 
     async def update_bot_data(self, data: BD) -> None:
         """Called at every :meth:`~telegram.ext.Application.update_persistence`; writes only if
@@ -1057,7 +1089,9 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if entry is None or entry.state is not KeyState.LOADED or held is None:
             return
         if held is entry.held:
-            await self._update(self._chats, chat_id, copy.deepcopy(held))
+            waiting = self._update(self._chats, chat_id, copy.deepcopy(held))
+            if waiting is not None:
+                await waiting
 
     def _moved_in_memory(self, old_chat_id: int, new_chat_id: int) -> None:
         """The old chat's row moved to the new chat: so does the data the application holds."""

@@ -232,7 +232,6 @@ class Write:
 class _Statements:
     """The writes of one dialect, built once (SQLAlchemy caches their compiled form)."""
 
-    upsert_many: Any
     insert_many: Any
     upsert_one: Any
     insert_one: Any
@@ -242,7 +241,6 @@ class _Statements:
         statements = _STATEMENTS.get(dialect.name)
         if statements is None:
             statements = _STATEMENTS[dialect.name] = _Statements(
-                upsert_many=dialect.upsert(),
                 insert_many=dialect.insert_new(),
                 upsert_one=dialect.upsert().values(_INSERT_VALUES),
                 insert_one=dialect.insert_new().values(_INSERT_VALUES),
@@ -833,13 +831,11 @@ class Database:
                 changes.setdefault(write.namespace, []).append(write)
         for namespace, group in changes.items():
             updated = self._dialect.update_at_versions(
-                connection, namespace, [write.params(now) for write in group], wait=wait_for_locks
+                connection, namespace, group, now, wait=wait_for_locks
             )
             unsure.extend(write for write in group if write.key not in updated)
         if creates:
-            inserted = self._dialect.insert_absent(
-                connection, [write.row(now) for write in creates]
-            )
+            inserted = self._dialect.insert_absent(connection, creates, now)
             unsure.extend(write for write in creates if write.where not in inserted)
         return unsure
 
@@ -861,7 +857,7 @@ class Database:
         errors: dict[tuple[str, str], StorageError] = {}
         deletes: dict[str, list[str]] = {}
         inserts: list[dict[str, Any]] = []
-        upserts: list[dict[str, Any]] = []
+        upserts: list[Write] = []
         for write in writes:
             verdict = write.verdict(stored.get(write.where))
             if verdict is _Verdict.CONFLICT:
@@ -871,7 +867,7 @@ class Database:
             elif write.data is None:
                 deletes.setdefault(write.namespace, []).append(write.key)
             elif write.where in stored:
-                upserts.append(write.row(now))
+                upserts.append(write)
             else:
                 inserts.append(write.row(now))
         for namespace, keys in deletes.items():
@@ -880,7 +876,7 @@ class Database:
                     delete(_TABLE).where(_C.namespace == namespace, self._dialect.key_in(chunk))
                 )
         if upserts:
-            connection.execute(self._statements.upsert_many, upserts)
+            self._dialect.upsert_rows(connection, upserts, now)
         if inserts:
             # Insert-only: a row that another writer created since our read (locking a row
             # that does not exist yet locks nothing on PostgreSQL) is a conflict, not ours.

@@ -56,9 +56,7 @@ class StatementLog:
     def rows_written(self) -> int:
         """How many rows the recorded INSERT, UPDATE and DELETE statements wrote (one per
         parameter set, or per element of the arrays of a statement over arrays)."""
-        return sum(
-            rows for sql, _, rows in self.statements if _kind(sql).startswith(_WRITES)
-        )
+        return sum(rows for sql, _, rows in self.statements if _kind(sql).startswith(_WRITES))
 
     def mentioning(self, text: str) -> list[tuple[str, Any, int]]:
         """The statements whose SQL or parameters contain ``text``."""

@@ -4,6 +4,7 @@ stored versions, in any mix, with every stored row checked at the end."""
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 import pytest
@@ -109,6 +110,86 @@ async def test_writes_without_a_check_still_apply(fresh_db_url: str) -> None:
 def test_rows_are_chunked_by_the_size_of_their_data() -> None:
     from ptb_sessions._dialects import _chunks_of_size
 
-    rows = [{"data": "x" * size} for size in (5, 5, 20, 1, 1, 1)]
-    chunks = [[len(row["data"]) for row in chunk] for chunk in _chunks_of_size(rows, 10)]
+    writes = [Write("chat_data", str(i), "x" * size) for i, size in enumerate((5, 5, 20, 1, 1, 1))]
+    chunks = [[len(w.data or "") for w in chunk] for chunk in _chunks_of_size(writes, 10)]
     assert chunks == [[5, 5], [20], [1, 1, 1]]
+
+
+#: Keys that a case- or space-insensitive collation, or Unicode normalization, would take for
+#: one another.
+LOOKALIKE_KEYS = [
+    "a",
+    "A",
+    "a ",
+    " a",
+    "é",
+    unicodedata.normalize("NFD", "é"),
+    "ß",
+    "ss",
+    "ı",
+    "i",
+]
+
+
+async def test_lookalike_keys_stay_apart_in_batches_decided_by_stored_versions(
+    fresh_db_url: str,
+) -> None:
+    """New rows, changes at the version read (one of them a conflict) and writes without a
+    check, each kind as one batch: the batch statements bind every key exactly as it is,
+    and the stored versions they read are matched to the right keys."""
+    database = Database(fresh_db_url)
+    other = Database(fresh_db_url)  # another process
+    try:
+        new = [
+            Write("chat_data", key, f'"{i}"', expected_version=None)
+            for i, key in enumerate(LOOKALIKE_KEYS)
+        ]
+        assert await database.apply(new) == {}
+        changed = [
+            Write("chat_data", w.key, f'"{i}-1"', expected_version=w.version)
+            for i, w in enumerate(new)
+        ]
+        assert await database.apply(changed) == {}
+        moved = Write("chat_data", "A", '"other"', expected_version=changed[1].version)
+        assert await other.apply([moved]) == {}
+
+        late = [
+            Write("chat_data", w.key, f'"{i}-2"', expected_version=w.version)
+            for i, w in enumerate(changed)
+        ]
+        errors = await database.apply(late)
+        assert set(errors) == {("chat_data", "A")}
+        assert isinstance(errors[("chat_data", "A")], ConflictError)
+        expected = {w.key: (w.data, w.version) for w in late if w.key != "A"}
+        assert await stored(database, "chat_data") == {**expected, "A": ('"other"', moved.version)}
+
+        blind = [Write("chat_data", key, f'"{i}-3"') for i, key in enumerate(LOOKALIKE_KEYS)]
+        assert await database.apply(blind) == {}
+        assert await stored(database, "chat_data") == {w.key: (w.data, w.version) for w in blind}
+    finally:
+        await database.dispose()
+        await other.dispose()
+
+
+async def test_a_change_without_an_expiry_clears_a_stored_one(fresh_db_url: str) -> None:
+    """ttl turned off: a batch of changes at the version read, some of whose rows still have
+    an expiry, stores every row without one (else the purge would delete them later)."""
+    database = Database(fresh_db_url)
+    try:
+        expires = database.clock() + 3600
+        new = [
+            Write("chat_data", str(i), f'"{i}"', expected_version=None, expires_at=expires)
+            for i in range(3)
+        ] + [Write("chat_data", str(i), f'"{i}"', expected_version=None) for i in range(3, 6)]
+        assert await database.apply(new) == {}
+        changed = [
+            Write("chat_data", w.key, f'"{w.key}-1"', expected_version=w.version) for w in new
+        ]
+        assert await database.apply(changed) == {}
+        rows = {key: record async for key, record in database.scan("chat_data")}
+        assert {key: (r.data, r.version, r.expires_at) for key, r in rows.items()} == {
+            w.key: (w.data, w.version, None) for w in changed
+        }
+        assert await database.purge_expired(now=expires + 1) == 0
+    finally:
+        await database.dispose()
