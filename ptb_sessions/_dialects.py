@@ -187,6 +187,14 @@ class Dialect:
         """
         return ()
 
+    def update_one_at_version(
+        self, connection: Connection, write: RowWrite, params: dict[str, Any]
+    ) -> bool:
+        """Update the row of ``write`` to its values if the stored version is still the one it
+        was read at; whether it did (if not, the stored version tells why). ``params`` are the
+        write's single-row parameters (:meth:`~ptb_sessions._store.Write.params`)."""
+        return bool(connection.execute(UPDATE_AT_VERSION, params).rowcount)
+
     def lock_versions(
         self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True
     ) -> dict[str, int]:
@@ -296,6 +304,18 @@ class _SQLite(Dialect):
                 result = connection.exec_driver_sql(statement.text, statement.bind(group, now))
                 updated += result.rowcount
         return {write.key for write in writes} if updated == len(writes) else ()
+
+    def update_one_at_version(
+        self, connection: Connection, write: RowWrite, params: dict[str, Any]
+    ) -> bool:
+        # update_at_versions for one row: the statement's text bound positionally, with no
+        # lookup in the compiled cache nor processing of named parameters (30 against 51-61 µs
+        # per sequential session write; /tmp/lead/sqlmicro.py).
+        statement = (
+            _SQLITE_UPDATE_LASTING if write.expires_at is None else _SQLITE_UPDATE_AT_VERSION
+        )
+        (values,) = statement.bind([write], params["touched_at"])
+        return bool(connection.exec_driver_sql(statement.text, values).rowcount)
 
     def lock_versions(
         self, connection: Connection, namespace: str, keys: Sequence[str], *, wait: bool = True

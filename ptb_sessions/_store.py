@@ -38,7 +38,6 @@ from ptb_sessions._dialects import (
     AUTOCOMMIT_OPTION,
     ONE_ROW,
     POOL_OVERFLOW,
-    UPDATE_AT_VERSION,
     VALUE_PARAMS,
     Dialect,
     dialect_for,
@@ -224,8 +223,7 @@ class Write:
         if expected == ANY_VERSION:
             connection.execute(statements.upsert_one, params)
             return True
-        result = connection.execute(UPDATE_AT_VERSION, params)
-        return bool(result.rowcount)
+        return statements.update_one(connection, self, params)
 
 
 @dataclass(slots=True, frozen=True)
@@ -235,6 +233,7 @@ class _Statements:
     insert_many: Any
     upsert_one: Any
     insert_one: Any
+    update_one: Callable[[Connection, Write, dict[str, Any]], bool]
 
     @staticmethod
     def of(dialect: Dialect) -> _Statements:
@@ -244,6 +243,7 @@ class _Statements:
                 insert_many=dialect.insert_new(),
                 upsert_one=dialect.upsert().values(_INSERT_VALUES),
                 insert_one=dialect.insert_new().values(_INSERT_VALUES),
+                update_one=dialect.update_one_at_version,
             )
         return statements
 
@@ -902,21 +902,25 @@ class Database:
             StorageError: The database failed.
         """
 
-        def attempt(connection: Connection) -> StorageError | None:
+        def attempt(connection: Connection) -> StorageError | _Verdict | None:
             params = write.params(self.clock())
             if write.execute_single(connection, self._statements, params):
                 return None
             row = (connection.execute(_GET_VERSION, params)).first()
             current = None if row is None else row[0]
-            if write.verdict(current) is _Verdict.CONFLICT:
-                return write.conflict(current)
-            return None
+            verdict = write.verdict(current)
+            return write.conflict(current) if verdict is _Verdict.CONFLICT else verdict
 
-        error = await self._run(
+        outcome = await self._run(
             f"Writing {write.namespace}[{write.key!r}]", attempt, autocommit=True
         )
-        if error is not None:
-            raise error
+        if outcome is _Verdict.APPLY:
+            # The row is as this writer left it, yet the statement did not apply (SQLite's
+            # update of a write without an expiry to a row that still has one): the checked
+            # way, in a transaction, writes it.
+            outcome = (await self._apply_batch([write], self_checked=False)).get(write.where)
+        if isinstance(outcome, StorageError):
+            raise outcome
 
     async def touch(self, namespace: str, keys: Sequence[str], expires_at: float | None) -> None:
         """Set ``touched_at`` to now and ``expires_at`` of ``keys`` (a read with a ttl)."""

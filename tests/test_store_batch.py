@@ -193,3 +193,26 @@ async def test_a_change_without_an_expiry_clears_a_stored_one(fresh_db_url: str)
         assert await database.purge_expired(now=expires + 1) == 0
     finally:
         await database.dispose()
+
+
+async def test_a_single_change_without_an_expiry_clears_a_stored_one(fresh_db_url: str) -> None:
+    """A session's write (one row, ttl turned off) to a row that still has an expiry: the
+    value is stored and the expiry goes, even where the statement of a write without an
+    expiry applies only to rows without one (SQLite)."""
+    database = Database(fresh_db_url)
+    try:
+        first = Write(
+            "session", "k", '"1"', expected_version=None, expires_at=database.clock() + 3600
+        )
+        await database.write_one(first)
+        change = Write("session", "k", '"2"', expected_version=first.version)
+        await database.write_one(change)
+        record = await database.get("session", "k")
+        assert record is not None
+        assert (record.data, record.version, record.expires_at) == ('"2"', change.version, None)
+        stale = Write("session", "k", '"3"', expected_version=first.version)
+        with pytest.raises(ConflictError):
+            await database.write_one(stale)
+        assert await stored(database, "session") == {"k": ('"2"', change.version)}
+    finally:
+        await database.dispose()
