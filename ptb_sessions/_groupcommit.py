@@ -81,6 +81,10 @@ class GroupCommit:
 
     # -- the cache ------------------------------------------------------------------------
 
+    def __len__(self) -> int:
+        """How many rows the cache holds."""
+        return len(self._cache)
+
     def forget(self, namespace: str, key: str) -> None:
         """Drop the cached row of ``key``: its next read goes to the database (another
         process may have changed it)."""

@@ -239,6 +239,7 @@ async def test_lock_database_reads_every_update_from_the_database(fresh_db_url: 
             assert await other.read("1") == {"n": 1}
             await other.write("1", {"n": 10})
             await process(app, message_update(1))
+            assert len(GroupCommit.of(persistence.database)) == 0  # the cache is off for it
         assert errors == []
         assert await stored_sessions(fresh_db_url) == {"1": {"n": 11}}
     finally:

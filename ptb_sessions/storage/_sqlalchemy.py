@@ -196,10 +196,15 @@ class SQLAlchemyStorage:
     async def lock(self, key: str) -> AsyncIterator[None]:
         """Hold a database lock on ``key`` (PostgreSQL, MariaDB, MySQL) so that several bot
         processes take turns; used by ``SessionHandler(lock="database")``. Under the lock,
-        the key is read from the database, never from this process's cache."""
+        the key is read from the database, never from this process's cache, and the cache
+        keeps nothing of it afterwards (another process may change it next)."""
+        group = GroupCommit.of(self.database)
         async with self.database.row_lock(self.namespace, key):
-            GroupCommit.of(self.database).forget(self.namespace, key)
-            yield
+            group.forget(self.namespace, key)
+            try:
+                yield
+            finally:
+                group.forget(self.namespace, key)
 
     async def close(self) -> None:
         """Dispose the engine if this storage created it."""
