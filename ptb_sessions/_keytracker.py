@@ -52,13 +52,21 @@ class TrackedKey:
 
     __slots__ = ("digest", "expires_at", "held", "in_use", "needs_writeback", "state", "version")
 
-    def __init__(self) -> None:
-        self.state = KeyState.UNLOADED
-        self.version: int | None = None
-        self.digest: int | None = None
-        self.held: Any = NOTHING
-        self.needs_writeback = False
-        self.expires_at: float | None = None
+    def __init__(
+        self,
+        state: KeyState = KeyState.UNLOADED,
+        version: int | None = None,
+        digest: int | None = None,
+        held: Any = NOTHING,
+        needs_writeback: bool = False,
+        expires_at: float | None = None,
+    ) -> None:
+        self.state = state
+        self.version = version
+        self.digest = digest
+        self.held = held
+        self.needs_writeback = needs_writeback
+        self.expires_at = expires_at
         self.in_use = 0
 
     def __repr__(self) -> str:
@@ -122,7 +130,12 @@ class KeyTracker(Generic[K]):
         expires_at: float | None = None,
     ) -> TrackedKey:
         """``key`` was read (``version`` :obj:`None`: there is no row) or PTB's object adopted."""
-        entry = self._entry(key)
+        entry = self._keys.get(key)
+        if entry is None:  # the common case at start: one object made with its values
+            entry = self._keys[key] = TrackedKey(
+                KeyState.LOADED, version, digest, held, needs_writeback, expires_at
+            )
+            return entry
         entry.state = KeyState.LOADED
         entry.version = version
         entry.digest = digest

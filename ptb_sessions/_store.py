@@ -327,6 +327,15 @@ def _keys_by_namespace(writes: Iterable[Write]) -> dict[str, list[str]]:
     return by_namespace
 
 
+def _discard(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task``, whose result nobody will take (its error, if any, is taken too)."""
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+    else:
+        task.cancel()
+
+
 def _fetch_all(statement: Any) -> Callable[[Connection], list[Any]]:
     def fetch(connection: Connection) -> list[Any]:
         return list(connection.execute(statement).all())
@@ -653,19 +662,31 @@ class Database:
         self, namespace: str, *, batch_size: int = 5000
     ) -> AsyncIterator[tuple[str, Record]]:
         """Every row of ``namespace``, in key order, fetched in batches (keyset pagination, so
-        memory does not grow with the table)."""
-        last: str | None = None
-        while True:
+        memory does not grow with the table). The next batch is fetched while the caller
+        takes the rows of this one."""
+
+        def page(after: str | None) -> Awaitable[list[Any]]:
             query = select(_C.key, *_RECORD_COLUMNS).where(_C.namespace == namespace)
-            if last is not None:
-                query = query.where(_C.key > last)
+            if after is not None:
+                query = query.where(_C.key > after)
             query = query.order_by(_C.key).limit(batch_size)
-            rows = await self._run(f"Reading {namespace}", _fetch_all(query), read_only=True)
-            for key, *rest in rows:
-                yield key, Record(*rest)
-            if len(rows) < batch_size:
+            return self._run(f"Reading {namespace}", _fetch_all(query), read_only=True)
+
+        rows = await page(None)
+        while True:
+            following = (
+                asyncio.ensure_future(page(rows[-1][0])) if len(rows) == batch_size else None
+            )
+            try:
+                for key, *rest in rows:
+                    yield key, Record(*rest)
+            except BaseException:  # the caller stopped early, or failed
+                if following is not None:
+                    _discard(following)
+                raise
+            if following is None:
                 return
-            last = rows[-1][0]
+            rows = await following
 
     async def namespaces(self) -> list[str]:
         """Every namespace that has rows."""
