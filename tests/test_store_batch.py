@@ -4,6 +4,7 @@ stored versions, in any mix, with every stored row checked at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import unicodedata
 from typing import Any
 
@@ -214,5 +215,30 @@ async def test_a_single_change_without_an_expiry_clears_a_stored_one(fresh_db_ur
         with pytest.raises(ConflictError):
             await database.write_one(stale)
         assert await stored(database, "session") == {"k": ('"2"', change.version)}
+    finally:
+        await database.dispose()
+
+
+async def test_scan_returns_every_row_in_key_order_and_may_stop_early(fresh_db_url: str) -> None:
+    """Rows come in batches, the next fetched while the caller takes this one's; a caller that
+    stops early leaves nothing running (the batch fetched ahead is cancelled)."""
+    database = Database(fresh_db_url)
+    try:
+        writes = [
+            Write("chat_data", f"{i:03d}", f'"{i}"', expected_version=None) for i in range(25)
+        ]
+        assert await database.apply(writes) == {}
+        rows = [
+            (key, record.data) async for key, record in database.scan("chat_data", batch_size=10)
+        ]
+        assert rows == [(f"{i:03d}", f'"{i}"') for i in range(25)]
+        taken: list[str] = []
+        async with contextlib.aclosing(database.scan("chat_data", batch_size=10)) as scan:
+            async for key, _ in scan:
+                taken.append(key)
+                if len(taken) == 12:
+                    break
+        assert taken == [key for key, _ in rows[:12]]
+        assert await stored(database, "chat_data") == {w.key: (w.data, w.version) for w in writes}
     finally:
         await database.dispose()
