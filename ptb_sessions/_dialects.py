@@ -580,16 +580,7 @@ def _mysql_upsert() -> str:
     """The upsert of MySQL and MariaDB as the drivers' text with ``%s`` placeholders, whose
     order :meth:`_MySQL.upsert_rows` follows."""
     compiled = _MySQL().upsert().compile(dialect=mysql.dialect(paramstyle="format"))
-    assert compiled.positiontup == [
-        "namespace",
-        "key",
-        "codec",
-        "data",
-        "version",
-        "data_version",
-        "touched_at",
-        "expires_at",
-    ], compiled.positiontup
+    assert compiled.positiontup == ["namespace", "key", *_VALUE_COLUMNS], compiled.positiontup
     return str(compiled)
 
 
