@@ -213,6 +213,26 @@ class LazySession(Generic[T]):
         cell = self._cell
         return None if cell is None else cell.close()
 
+    def finish(self, left: Any) -> Awaitable[None] | None:
+        """After the handler, with a plain context: take over ``left`` (what the handler left
+        in ``context.session``), then the save and the close to await, in that order;
+        :obj:`None` if the session was never used (no call beyond this one)."""
+        if left is self and self._cell is None:
+            self._locks = False
+            return None
+        return self._finished(left)
+
+    async def _finished(self, left: Any) -> None:
+        try:
+            self.adopt(left)
+            saving = self.save()
+            if saving is not None:
+                await saving
+        finally:
+            closing = self.close()
+            if closing is not None:
+                await closing
+
 
 class _NoKeySession:
     """``context.session`` of a plain :class:`~telegram.ext.CallbackContext` when the update has

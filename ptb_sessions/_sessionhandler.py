@@ -416,6 +416,30 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         # bench/sessions.py). A lazy session is one small object that takes its locks only
         # when first used, so an untouched one costs no lock, no I/O and no key function call.
         spec = self._single
+        if spec is not None and spec.lazy and not isinstance(context, SessionContext):
+            # the path of most updates, that never touch their session: two calls of its own
+            handler, check = check_result
+            session: LazySession[Any] = LazySession(spec, update)
+            attrs = context.__dict__
+            previous = attrs.get("session", MISSING)
+            attrs["session"] = session
+            try:
+                result = await handler.handle_update(update, application, check, context)
+            except ApplicationHandlerStop:
+                finishing = session.finish(_swap_back(attrs, previous))
+                if finishing is not None:
+                    await finishing
+                raise
+            except BaseException:
+                _swap_back(attrs, previous)
+                closing = session.close()
+                if closing is not None:
+                    await closing
+                raise
+            finishing = session.finish(_swap_back(attrs, previous))
+            if finishing is not None:
+                await finishing
+            return result
         binding: Binding
         opening: Awaitable[None] | None = None  # a lazy session opens nothing
         if spec is None:
@@ -469,6 +493,15 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
             closing = binding.close()
             if closing is not None:
                 await closing
+
+
+def _swap_back(attrs: dict[str, Any], previous: Any) -> Any:
+    """Puts ``previous`` back into ``context.session`` (``attrs`` is the context's
+    ``__dict__``) and returns what the handler left there."""
+    left = attrs.pop("session", MISSING) if previous is MISSING else attrs.get("session", MISSING)
+    if previous is not MISSING:
+        attrs["session"] = previous
+    return left
 
 
 async def _saved(binding: Binding) -> None:
