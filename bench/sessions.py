@@ -352,9 +352,13 @@ async def main() -> None:
                 ("handler that replies", untouched_reply, n_lazy // 4),
             ):
                 lazy_rates, bare_rates = [], []
-                for _ in range(rounds):
-                    bare_rates.append((await run_sequential(without_session(callback), count))[0])
-                    lazy_rates.append((await run_sequential(with_session(callback), count))[0])
+                runs = [
+                    (without_session(callback), bare_rates),
+                    (with_session(callback), lazy_rates),
+                ]
+                for round_ in range(rounds):  # ABBA: neither side is always the second run
+                    for add, rates in runs if round_ % 2 == 0 else runs[::-1]:
+                        rates.append((await run_sequential(add, count))[0])
                 lazy_rate, bare_rate = median(lazy_rates), median(bare_rates)
                 slowdown = 1 - lazy_rate / bare_rate
                 overhead = 1 / lazy_rate - 1 / bare_rate
