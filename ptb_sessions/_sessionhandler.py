@@ -417,7 +417,8 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         # when first used, so an untouched one costs no lock, no I/O and no key function call.
         spec = self._single
         if spec is not None and spec.lazy and not isinstance(context, SessionContext):
-            # the path of most updates, that never touch their session: two calls of its own
+            # the path of most updates, that never touch their session: three calls
+            # (LazySession, _swap_back, finish) where the general path below makes five
             handler, check = check_result
             session: LazySession[Any] = LazySession(spec, update)
             attrs = context.__dict__
