@@ -7,7 +7,7 @@ import asyncio
 import enum
 import itertools
 from collections.abc import Hashable
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, cast
 
 from ptb_sessions._errors import StorageError
 from ptb_sessions._store import ANY_VERSION
@@ -236,16 +236,17 @@ class UpdateHolds:
     is held from that refresh until the task ends (each concurrent update and each job runs in
     its own task), or until the same task refreshes the same kind of data again (a task that
     runs updates one after the other, as PTB's update fetcher without ``concurrent_updates``:
-    the earlier update has ended).
+    the earlier update has ended). A key held ``also`` joins the keys the task holds instead.
     """
 
     __slots__ = ("_by_task",)
 
     def __init__(self) -> None:
-        self._by_task: dict[asyncio.Task[Any], dict[KeyTracker[Any], Hashable]] = {}
+        self._by_task: dict[asyncio.Task[Any], dict[KeyTracker[Any], list[Hashable]]] = {}
 
-    def hold(self, tracker: KeyTracker[K], key: K) -> None:
-        """The current task's update uses ``key`` of ``tracker``."""
+    def hold(self, tracker: KeyTracker[K], key: K, *, also: bool = False) -> None:
+        """The current task's update uses ``key`` of ``tracker``; with ``also``, besides the
+        keys of ``tracker`` it already holds (else in their place)."""
         task = asyncio.current_task()
         if task is None:
             return
@@ -253,14 +254,23 @@ class UpdateHolds:
         if held is None:
             held = self._by_task[task] = {}
             task.add_done_callback(self._task_done)
-        previous = held.get(tracker, NOTHING)
-        if previous is not NOTHING:
-            if previous == key:
-                return
-            tracker.release(previous)
-        held[tracker] = key
+        keys = cast("list[K] | None", held.get(tracker))
+        if keys is not None and key in keys:
+            if not also and len(keys) > 1:
+                for other in keys:
+                    if other != key:
+                        tracker.release(other)
+                held[tracker] = [key]
+            return
+        if keys is not None and also:
+            keys.append(key)
+        else:
+            for previous in keys or ():
+                tracker.release(previous)
+            held[tracker] = [key]
         tracker.acquire(key)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        for tracker, key in self._by_task.pop(task, {}).items():
-            tracker.release(key)
+        for tracker, keys in self._by_task.pop(task, {}).items():
+            for key in keys:
+                tracker.release(key)

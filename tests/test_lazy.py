@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from _bot import builder, message_update, process
+from _bot import builder, message_update, migrate_updates, process
 from _statements import StatementLog
 from sqlalchemy import update
 from telegram import Update
@@ -352,9 +352,11 @@ async def test_lazy_data_written_from_another_chat_is_merged_into_the_stored_row
             False,
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="PTB gives a persistence no link between the update_chat_data(new, {}) "
-                "and drop_chat_data(old) of Application.migrate_chat_data; with lazy=True and "
-                "an old chat never loaded, use ChatMigrationHandler / migrate_chat",
+                reason="Called with bare ids outside a service message's update, PTB gives a "
+                "persistence no link between the update_chat_data(new, {}) and "
+                "drop_chat_data(old) of Application.migrate_chat_data; with lazy=True and an "
+                "old chat never loaded, use migrate_chat_data(message=...) in a handler of the "
+                "service message (test below), ChatMigrationHandler or migrate_chat",
             ),
         ),
     ],
@@ -377,6 +379,60 @@ async def test_application_migrate_chat_data_keeps_the_old_chats_data(
         await app.update_persistence()
     assert errors == []
     assert await stored_chats(db_url) == {-1005: expected}
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+@pytest.mark.parametrize("in_chat", ["old", "new"], ids=["message-in-old-group", "in-new"])
+async def test_migrate_chat_data_with_the_service_message_keeps_the_old_chats_data(
+    db_url: str, lazy: bool, in_chat: str
+) -> None:
+    """PTB's documented use: ``migrate_chat_data(message=...)`` in a handler of the service
+    message. In the new supergroup's message, the old group was never loaded (lazy)."""
+    await store_chats(db_url, {-5: {"group": "data"}, 7: {"n": 1}})
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=lazy)
+    app, errors = counting_app(persistence)
+
+    async def migrate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        context.application.migrate_chat_data(message=update.message)
+
+    app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, migrate), group=-1)
+    to_old, from_new = migrate_updates(-5, -1005)
+    async with app:
+        await process(app, to_old if in_chat == "old" else from_new)
+        await app.update_persistence()
+        await process(app, message_update(-1005), message_update(7))
+        await app.update_persistence()
+    # In the old group's message, the counting handler counts in the old group, which PTB
+    # dropped: only the new supergroup's message counts there.
+    counted = 1 if in_chat == "old" else 2
+    assert errors == []
+    assert await stored_chats(db_url) == {-1005: {"group": "data", "n": counted}, 7: {"n": 2}}
+
+
+async def test_loading_the_old_group_keeps_the_new_chat_in_use(db_url: str) -> None:
+    """With ``max_cached``, the new supergroup stays held while its service message's handlers
+    run, though the old group was loaded for them too: no increment of it is lost."""
+    await store_chats(db_url, {-5: {"group": "data"}, 7: {"n": 1}, -1005: {"n": 10}})
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url, lazy=True, max_cached=1)
+    app, errors = counting_app(persistence)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def wait(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        started.set()
+        await release.wait()
+
+    app.add_handler(MessageHandler(filters.StatusUpdate.MIGRATE, wait), group=-1)
+    _, from_new = migrate_updates(-5, -1005)
+    async with app:
+        waiting = asyncio.create_task(process(app, from_new))
+        await asyncio.wait_for(started.wait(), 60)
+        await process(app, message_update(7))  # loads chat 7 and evicts what it may
+        await app.update_persistence()
+        release.set()
+        await asyncio.wait_for(waiting, 60)
+        await app.update_persistence()
+    assert errors == []
+    assert await stored_chats(db_url) == {-5: {"group": "data"}, 7: {"n": 2}, -1005: {"n": 11}}
 
 
 @pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
