@@ -21,6 +21,7 @@ from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
 from ptb_sessions._codec import Codec, JSONCodec, bind_codec, storable_state
 from ptb_sessions._errors import ConflictError, SerializationError, StorageError
+from ptb_sessions._gcpause import collector_paused
 from ptb_sessions._groupcommit import GroupCommit
 from ptb_sessions._keytracker import NOTHING, KeyState, KeyTracker, TrackedKey, UpdateHolds
 from ptb_sessions._rowpolicy import DEFAULT_MAX_VALUE_SIZE, RowPolicy
@@ -363,13 +364,17 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def _decode_data(self, tracker: KeyTracker[int], record: Record, key: str) -> tuple[Any, bool]:
         """The value of a chat_data or user_data row, migrated, and whether it must be written
         back (it was stored at an older data version)."""
-        where = f"{tracker.namespace}[{key}]"
-        value = self._data_policy.decode(record, tracker.namespace, key)
-        value, writeback = self._data_policy.migrate(value, record.data_version, where)
-        return self._as_type(self._per_id(tracker), value, where), writeback
+        policy = self._data_policy
+        value = policy.decode(record, tracker.namespace, key)
+        writeback = False
+        if policy.migrations is not None:
+            value, writeback = policy.migrate(
+                value, record.data_version, f"{tracker.namespace}[{key}]"
+            )
+        return self._as_type(self._per_id(tracker), value, tracker.namespace, key), writeback
 
     @staticmethod
-    def _as_type(factory: Callable[[], Any], value: Any, where: str) -> Any:
+    def _as_type(factory: Callable[[], Any], value: Any, namespace: str, key: str = "") -> Any:
         if isinstance(factory, type) and isinstance(value, factory):
             return value
         container = factory()
@@ -378,6 +383,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             return container
         if type(container) is type(value):
             return value
+        where = f"{namespace}[{key}]" if key else namespace
         raise StorageError(
             f"The stored value of {where} is a {type(value).__name__}, not a "
             f"{type(container).__name__} as the application's ContextTypes require"
@@ -421,10 +427,25 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         await self._attach_jobs()
         if self.lazy:
             return {}
+        expires_at = self._data_policy.expires_at()
+        with collector_paused():
+            result, expired, writeback = await self._read_all(tracker, expires_at)
+        if expired:
+            await self.database.purge_expired(tracker.namespace, now=self._data_policy.clock())
+        if expires_at is not None:
+            await self.database.touch_namespace(tracker.namespace, expires_at)
+        self._mark_for_writeback(tracker, writeback)
+        return result
+
+    async def _read_all(
+        self, tracker: KeyTracker[int], expires_at: float | None
+    ) -> tuple[dict[int, Any], int, list[int]]:
+        """Every stored value of ``tracker``'s namespace, tracked as loaded; how many had
+        expired; the ids to write back (migrated on load)."""
         result: dict[int, Any] = {}
         expired = 0
         writeback: list[int] = []
-        expires_at = self._data_policy.expires_at()
+        may_expire = self._data_policy.ttl is not None
         async for key, record in self.database.scan(tracker.namespace):
             try:
                 item_id = int(key)
@@ -433,7 +454,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                     "Skipping %s[%r]: the key is not an integer id", tracker.namespace, key
                 )
                 continue
-            if self._expired(record):
+            if may_expire and self._expired(record):
                 expired += 1
                 continue
             try:
@@ -455,12 +476,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             )
             if needs_writeback:
                 writeback.append(item_id)
-        if expired:
-            await self.database.purge_expired(tracker.namespace, now=self._data_policy.clock())
-        if expires_at is not None:
-            await self.database.touch_namespace(tracker.namespace, expires_at)
-        self._mark_for_writeback(tracker, writeback)
-        return result
+        return result, expired, writeback
 
     async def get_user_data(self) -> dict[int, UD]:
         """Called once by :meth:`telegram.ext.Application.initialize`. Returns every stored

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dtm
 import decimal
+import gc
 import logging
 import sqlite3
 import uuid
@@ -330,6 +331,44 @@ async def test_undecodable_row_fails_for_its_key_only(db_url: str) -> None:
     stored = await check.get_chat_data()
     await check.flush()
     assert stored == {1: {"n": 2}}
+
+
+@pytest.mark.parametrize("collector", [True, False], ids=["gc-enabled", "gc-disabled"])
+async def test_loading_at_start_pauses_the_garbage_collector_and_leaves_it_as_it_was(
+    db_url: str, collector: bool
+) -> None:
+    """The cyclic collector would walk the growing heap again and again while every row is
+    read; it is paused for the load, also past a row that fails, and left as it was."""
+    await write_chats(db_url, {1: {"n": 1}, 2: {"n": 2}, 3: {"n": 3}})
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    async with persistence.database.connect("corrupting") as connection:
+        await connection.execute(
+            update(TABLE)
+            .where(TABLE.c.namespace == "chat_data", TABLE.c.key == "2")
+            .values(data='{"n": oops')
+        )
+    collecting: list[bool] = []
+
+    class Watched(dict[Any, Any]):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            collecting.append(gc.isenabled())
+
+    app = builder().persistence(persistence).context_types(ContextTypes(chat_data=Watched)).build()
+    enabled_before = gc.isenabled()
+    if not collector:
+        gc.disable()
+    try:
+        async with app:
+            assert collecting == [False, False], "chats 1 and 3 were loaded with it paused"
+            assert gc.isenabled() is collector
+            assert app.chat_data[1] == {"n": 1} and app.chat_data[3] == {"n": 3}
+            assert 2 not in app.chat_data
+    finally:
+        if enabled_before:
+            gc.enable()
+        else:
+            gc.disable()
 
 
 # -- 6. an unmigrated database and passwords -------------------------------------------------
