@@ -27,12 +27,13 @@ DEFAULT_MAX_VALUE_SIZE = 1 << 20
 
 _BYTES: Final = "base64:"
 _TEXT: Final = "text:"
+_PREFIXES: Final = (_BYTES, _TEXT)
 
 
 def _as_text(encoded: str | bytes) -> str:
     if isinstance(encoded, bytes | bytearray | memoryview):
         return _BYTES + base64.b64encode(encoded).decode("ascii")
-    if encoded.startswith((_BYTES, _TEXT)):
+    if encoded.startswith(_PREFIXES):
         return _TEXT + encoded
     return encoded
 
@@ -86,13 +87,11 @@ def _decode_legacy(codec: Codec, data: str) -> Any:
 
 
 def _decode_text(codec: Codec, data: str) -> Any:
+    if not data.startswith(_PREFIXES):  # the common case: the codec's text as it is
+        return codec.decode(data) if codec.name == "json" else _decode_legacy(codec, data)
     if data.startswith(_BYTES):
         return codec.decode(base64.b64decode(data[len(_BYTES) :].encode("ascii"), validate=True))
-    if data.startswith(_TEXT):
-        return codec.decode(data[len(_TEXT) :])
-    if codec.name == "json":
-        return codec.decode(data)
-    return _decode_legacy(codec, data)
+    return codec.decode(data[len(_TEXT) :])
 
 
 def decode_record(codec: Codec, record: Record, namespace: str, key: str) -> Any:
@@ -102,17 +101,17 @@ def decode_record(codec: Codec, record: Record, namespace: str, key: str) -> Any
         StorageError: The row holds no value, was written by another codec, or cannot be
             decoded. The message names ``namespace`` and ``key``.
     """
-    where = f"{namespace}[{key!r}]"
     if record.data is None:
-        raise StorageError(f"The stored row of {where} holds no value (NULL)")
+        raise StorageError(f"The stored row of {namespace}[{key!r}] holds no value (NULL)")
     if record.codec != codec.name:
         raise StorageError(
-            f"The stored row of {where} was written with the codec {record.codec!r}, but this "
-            f"persistence uses {codec.name!r}; it is not decoded"
+            f"The stored row of {namespace}[{key!r}] was written with the codec "
+            f"{record.codec!r}, but this persistence uses {codec.name!r}; it is not decoded"
         )
     try:
         return _decode_text(codec, record.data)
     except Exception as exc:
         raise StorageError(
-            f"The stored row of {where} cannot be decoded: {type(exc).__name__}: {exc}"
+            f"The stored row of {namespace}[{key!r}] cannot be decoded: "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
