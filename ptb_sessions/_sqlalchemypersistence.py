@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from telegram import Bot, Update
-from telegram.ext import Application, BaseHandler, BasePersistence, ContextTypes, PersistenceInput
+from telegram.ext import (
+    Application,
+    BasePersistence,
+    ContextTypes,
+    MessageHandler,
+    PersistenceInput,
+    filters,
+)
 from telegram.ext._utils.types import CDCData, ConversationDict, ConversationKey
 
 from ptb_sessions._codec import Codec, JSONCodec, bind_codec, storable_state
@@ -51,7 +58,8 @@ UD = TypeVar("UD")
 CD = TypeVar("CD")
 BD = TypeVar("BD")
 
-#: The handler group of :class:`_MigrationSourceLoader`: before every group of the bot's own.
+#: The handler group of :meth:`~SQLAlchemyPersistence._load_migration_source`: before every
+#: group of the bot's own.
 _FIRST_GROUP = -(10**18)
 _BOT_KEY = "bot"
 _CALLBACK_KEY = "callback_data"
@@ -291,11 +299,12 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def _adopt(self, application: Application[Any, Any, Any, Any, Any, Any]) -> None:
         """Serve ``application``: take its ContextTypes (its chat_data class is what new chats
         get), and let the codec store their classes and give its bot to TelegramObjects. With
-        ``lazy``, also load the old group of a migration (see :class:`_MigrationSourceLoader`).
+        ``lazy``, also load the old group of a migration (see :meth:`_load_migration_source`).
         """
         if self.lazy and application is not self._app:
             application.add_handler(
-                _MigrationSourceLoader(self._load_migration_source), group=_FIRST_GROUP
+                MessageHandler(filters.StatusUpdate.MIGRATE, self._load_migration_source),
+                group=_FIRST_GROUP,
             )
         self._app = application
         self.context_types = application.context_types
@@ -576,10 +585,16 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         if needs_writeback:
             self._mark_for_writeback(tracker, [item_id])
 
-    async def _load_migration_source(self, chat_id: int, chat_data: Any) -> None:
-        """Load the old group's row into ``chat_data``, held beside the update's own chat."""
-        if self.store_data.chat_data:
-            await self._refresh(self._chats, chat_id, chat_data, also=True)
+    async def _load_migration_source(self, update: Update, context: Any) -> None:
+        """With ``lazy``, the handler of the migration service messages, in a group before all
+        of the bot's own: for the one in the new supergroup, load the old group's row too (PTB
+        loads only the update's own chat), held beside it. A later handler's
+        :meth:`Application.migrate_chat_data(message=...)
+        <telegram.ext.Application.migrate_chat_data>` then moves the stored data, as in eager
+        mode."""
+        old = None if update.message is None else update.message.migrate_from_chat_id
+        if old is not None and self.store_data.chat_data:
+            await self._refresh(self._chats, old, context.application.chat_data[old], also=True)
 
     async def refresh_user_data(self, user_id: int, user_data: UD) -> None:
         """Called by PTB before the first matching handler of each update and before each job.
@@ -1249,38 +1264,3 @@ def _session_key_moves(
                 moves.append((namespace, key, f"{match['p']}{match['user']}/{new}"))
             break
     return moves
-
-
-class _MigrationSourceLoader(BaseHandler[Update, Any, None]):
-    """With ``lazy=True``: when the service message in the new supergroup arrives, loads the
-    old group's chat data (PTB loads only the new chat's), so that a later handler's
-    :meth:`Application.migrate_chat_data(message=...) <telegram.ext.Application.migrate_chat_data>`
-    moves the stored data, as in eager mode. Added by the persistence in a group before all
-    of the bot's own; it never stops an update.
-    """
-
-    __slots__ = ("_load",)
-
-    def __init__(self, load: Callable[[int, Any], Coroutine[Any, Any, None]]) -> None:
-        super().__init__(self._never_called, block=True)
-        self._load = load
-
-    def check_update(self, update: object) -> int | None:
-        """The old group's id if ``update`` is the service message in the new supergroup."""
-        if isinstance(update, Update) and update.message is not None:
-            return update.message.migrate_from_chat_id
-        return None
-
-    async def handle_update(
-        self,
-        update: Update,
-        application: Application[Any, Any, Any, Any, Any, Any],
-        check_result: object,
-        context: Any,
-    ) -> None:
-        """Loads the old group's row into ``application.chat_data``."""
-        assert isinstance(check_result, int)
-        await self._load(check_result, application.chat_data[check_result])
-
-    async def _never_called(self, update: Update, context: Any) -> None:  # pragma: no cover
-        raise NotImplementedError  # handle_update does the work

@@ -301,15 +301,20 @@ async def test_database_outage_keeps_writes_until_it_is_back(db_url: str) -> Non
 # -- 5. a row edited by hand into invalid JSON ------------------------------------------------
 
 
-async def test_undecodable_row_fails_for_its_key_only(db_url: str) -> None:
-    await write_chats(db_url, {1: {"n": 1}, 2: {"n": 2}})
-    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+async def corrupt_chat_row(persistence: SQLAlchemyPersistence, key: str) -> None:
+    """Make the stored chat_data row of ``key`` invalid JSON."""
     async with persistence.database.connect("corrupting") as connection:
         await connection.execute(
             update(TABLE)
-            .where(TABLE.c.namespace == "chat_data", TABLE.c.key == "2")
+            .where(TABLE.c.namespace == "chat_data", TABLE.c.key == key)
             .values(data='{"n": oops')
         )
+
+
+async def test_undecodable_row_fails_for_its_key_only(db_url: str) -> None:
+    await write_chats(db_url, {1: {"n": 1}, 2: {"n": 2}})
+    persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
+    await corrupt_chat_row(persistence, "2")
     app = builder().persistence(persistence).build()
     errors = errors_of(app)
 
@@ -341,12 +346,7 @@ async def test_loading_at_start_pauses_the_garbage_collector_and_leaves_it_as_it
     read; it is paused for the load, also past a row that fails, and left as it was."""
     await write_chats(db_url, {1: {"n": 1}, 2: {"n": 2}, 3: {"n": 3}})
     persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(db_url)
-    async with persistence.database.connect("corrupting") as connection:
-        await connection.execute(
-            update(TABLE)
-            .where(TABLE.c.namespace == "chat_data", TABLE.c.key == "2")
-            .values(data='{"n": oops')
-        )
+    await corrupt_chat_row(persistence, "2")
     collecting: list[bool] = []
 
     class Watched(dict[Any, Any]):
