@@ -91,7 +91,10 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         update_interval: Seconds between two :meth:`~telegram.ext.Application.update_persistence`
             runs of the application.
         lazy: Load a chat's or user's row on its first update instead of loading all of them in
-            :meth:`~telegram.ext.Application.initialize`.
+            :meth:`~telegram.ext.Application.initialize`. The persistence then adds a handler
+            of the migration service messages to the application, in group ``-10**18``: it
+            loads the old group too, so that PTB's
+            ``migrate_chat_data(message=update.message)`` moves its stored data.
         max_cached: With ``lazy``, keep at most this many chats (and users) in the
             application's memory: the least recently used leave it once their data is written.
         ttl: Seconds (or a :class:`~datetime.timedelta`) after which chat_data and user_data
