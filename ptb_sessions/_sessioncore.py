@@ -214,24 +214,12 @@ class LazySession(Generic[T]):
         return None if cell is None else cell.close()
 
     def finish(self, left: Any) -> Awaitable[None] | None:
-        """After the handler, with a plain context: take over ``left`` (what the handler left
-        in ``context.session``), then the save and the close to await, in that order;
-        :obj:`None` if the session was never used (no call beyond this one)."""
+        """:meth:`Binding.finish`: :obj:`None` if the session was never used (no call beyond
+        this one)."""
         if left is self and self._cell is None:
             self._locks = False
             return None
-        return self._finished(left)
-
-    async def _finished(self, left: Any) -> None:
-        try:
-            self.adopt(left)
-            saving = self.save()
-            if saving is not None:
-                await saving
-        finally:
-            closing = self.close()
-            if closing is not None:
-                await closing
+        return finished(self, left)
 
 
 class _NoKeySession:
@@ -400,6 +388,10 @@ class Cell:
         if self.entry is None and self.db_lock is None:
             return None
         return self.unlock()
+
+    def finish(self, left: Any) -> Awaitable[None]:
+        """:meth:`Binding.finish`."""
+        return finished(self, left)
 
     # --- loading -------------------------------------------------------------------------
 
@@ -622,7 +614,8 @@ class Binding(Protocol):
 
     :class:`~ptb_sessions.SessionHandler` awaits :meth:`open` before the handler,
     :meth:`save` after it and :meth:`close` at the end, each only if it returned an awaitable
-    (most updates need no coroutine for them).
+    (most updates need no coroutine for them). With a plain context, :meth:`finish` does the
+    last two, after taking over what the handler left in ``context.session``.
     """
 
     def open(self) -> Awaitable[None] | None:
@@ -646,6 +639,10 @@ class Binding(Protocol):
     def save(self) -> Awaitable[None] | None:
         """The write-back (or delete) of the values whose encoding changed, to await;
         :obj:`None` if there is nothing to save (a lazy session that was never used)."""
+
+    def finish(self, left: Any) -> Awaitable[None] | None:
+        """After the handler, with a plain context: :func:`finished`, to await; :obj:`None`
+        if there is nothing to do (a lazy session that was never used)."""
 
 
 class MultiBinding:
@@ -719,6 +716,10 @@ class MultiBinding:
     def adopt(self, value: Any) -> None:
         self.set(None if value is MISSING else value)
 
+    def finish(self, left: Any) -> Awaitable[None]:
+        """:meth:`Binding.finish`."""
+        return finished(self, left)
+
     async def save(self) -> None:
         """Write back (or delete) the values whose encoding changed. Every value is encoded
         before anything is written, so an unencodable fragment stops all writes."""
@@ -729,3 +730,18 @@ class MultiBinding:
         for cell, plan in plans:
             if plan is not None:
                 await cell.execute(plan)
+
+
+async def finished(binding: Binding, left: Any) -> None:
+    """The end of an update with a plain context: take over ``left`` (what the handler left
+    in ``context.session``), save, then close (also if the save failed)."""
+    try:
+        if left is not binding.public():
+            binding.adopt(left)
+        saving = binding.save()
+        if saving is not None:
+            await saving
+    finally:
+        closing = binding.close()
+        if closing is not None:
+            await closing

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dtm
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -414,86 +414,59 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         """
         # One body for every kind of session, kept short: it runs for every update (see
         # bench/sessions.py). A lazy session is one small object that takes its locks only
-        # when first used, so an untouched one costs no lock, no I/O and no key function call.
+        # when first used, so an untouched one costs no lock, no I/O and no key function call:
+        # with a plain context, three calls (LazySession, _swap_back, finish).
         spec = self._single
-        if spec is not None and spec.lazy and not isinstance(context, SessionContext):
-            # the path of most updates, that never touch their session: three calls
-            # (LazySession, _swap_back, finish) where the general path below makes five
-            handler, check = check_result
-            session: LazySession[Any] = LazySession(spec, update)
-            attrs = context.__dict__
-            previous = attrs.get("session", MISSING)
-            attrs["session"] = session
-            try:
-                result = await handler.handle_update(update, application, check, context)
-            except ApplicationHandlerStop:
-                finishing = session.finish(_swap_back(attrs, previous))
-                if finishing is not None:
-                    await finishing
-                raise
-            except BaseException:
-                _swap_back(attrs, previous)
-                closing = session.close()
-                if closing is not None:
-                    await closing
-                raise
-            finishing = session.finish(_swap_back(attrs, previous))
-            if finishing is not None:
-                await finishing
-            return result
         binding: Binding
-        opening: Awaitable[None] | None = None  # a lazy session opens nothing
-        if spec is None:
-            binding = MultiBinding([Cell(fragment, update) for fragment in self._specs])
-            opening = binding.open()
-        elif spec.lazy:
-            binding = LazySession(spec, update)
+        if spec is not None and spec.lazy:
+            binding = LazySession(spec, update)  # opens nothing
         else:
-            binding = Cell(spec, update)
+            binding = (
+                MultiBinding([Cell(fragment, update) for fragment in self._specs])
+                if spec is None
+                else Cell(spec, update)
+            )
             opening = binding.open()
-        try:
             if opening is not None:
-                await opening
-            handler, check = check_result
-            if isinstance(context, SessionContext):
-                token = current_binding.set(binding)
                 try:
-                    try:
-                        result = await handler.handle_update(update, application, check, context)
-                    except ApplicationHandlerStop:
-                        await _saved(binding)
-                        raise
-                    await _saved(binding)
-                    return result
-                finally:
-                    current_binding.reset(token)
-
-            attrs = context.__dict__
-            previous = attrs.get("session", MISSING)
-            public = attrs["session"] = binding.public()
+                    await opening
+                except BaseException:
+                    await _closed(binding)
+                    raise
+        handler, check = check_result
+        if isinstance(context, SessionContext):
+            token = current_binding.set(binding)
             try:
                 try:
                     result = await handler.handle_update(update, application, check, context)
                 except ApplicationHandlerStop:
-                    binding.adopt(attrs.get("session", MISSING))
                     await _saved(binding)
                     raise
-                left = attrs.get("session", MISSING)
-                if left is not public:  # else nothing to take over (no call: the hot path)
-                    binding.adopt(left)
-                saving = binding.save()  # awaited here, not in _saved(): one coroutine less
-                if saving is not None:
-                    await saving
+                await _saved(binding)
                 return result
             finally:
-                if previous is MISSING:
-                    attrs.pop("session", None)
-                else:
-                    attrs["session"] = previous
-        finally:
-            closing = binding.close()
-            if closing is not None:
-                await closing
+                current_binding.reset(token)
+                closing = binding.close()  # here, not in _closed(): one coroutine less
+                if closing is not None:
+                    await closing
+        attrs = context.__dict__
+        previous = attrs.get("session", MISSING)
+        attrs["session"] = binding.public()
+        try:
+            result = await handler.handle_update(update, application, check, context)
+        except ApplicationHandlerStop:
+            finishing = binding.finish(_swap_back(attrs, previous))
+            if finishing is not None:
+                await finishing
+            raise
+        except BaseException:
+            _swap_back(attrs, previous)
+            await _closed(binding)
+            raise
+        finishing = binding.finish(_swap_back(attrs, previous))
+        if finishing is not None:
+            await finishing
+        return result
 
 
 def _swap_back(attrs: dict[str, Any], previous: Any) -> Any:
@@ -510,3 +483,10 @@ async def _saved(binding: Binding) -> None:
     saving = binding.save()
     if saving is not None:
         await saving
+
+
+async def _closed(binding: Binding) -> None:
+    """Close ``binding``, if there is anything to close."""
+    closing = binding.close()
+    if closing is not None:
+        await closing
