@@ -415,7 +415,7 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         # One body for every kind of session, kept short: it runs for every update (see
         # bench/sessions.py). A lazy session is one small object that takes its locks only
         # when first used, so an untouched one costs no lock, no I/O and no key function call:
-        # with a plain context, three calls (LazySession, _swap_back, finish).
+        # with a plain context, four calls (LazySession, public, _swap_back, finish).
         spec = self._single
         binding: Binding
         if spec is not None and spec.lazy:

@@ -376,17 +376,13 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
     def _decode_data(self, tracker: KeyTracker[int], record: Record, key: str) -> tuple[Any, bool]:
         """The value of a chat_data or user_data row, migrated, and whether it must be written
         back (it was stored at an older data version)."""
-        policy = self._data_policy
-        value = policy.decode(record, tracker.namespace, key)
-        writeback = False
-        if policy.migrations is not None:
-            value, writeback = policy.migrate(
-                value, record.data_version, f"{tracker.namespace}[{key}]"
-            )
-        return self._as_type(self._per_id(tracker), value, tracker.namespace, key), writeback
+        where = f"{tracker.namespace}[{key}]"
+        value = self._data_policy.decode(record, tracker.namespace, key)
+        value, writeback = self._data_policy.migrate(value, record.data_version, where)
+        return self._as_type(self._per_id(tracker), value, where), writeback
 
     @staticmethod
-    def _as_type(factory: Callable[[], Any], value: Any, namespace: str, key: str = "") -> Any:
+    def _as_type(factory: Callable[[], Any], value: Any, where: str) -> Any:
         if isinstance(factory, type) and isinstance(value, factory):
             return value
         container = factory()
@@ -395,7 +391,6 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
             return container
         if type(container) is type(value):
             return value
-        where = f"{namespace}[{key}]" if key else namespace
         raise StorageError(
             f"The stored value of {where} is a {type(value).__name__}, not a "
             f"{type(container).__name__} as the application's ContextTypes require"
@@ -457,7 +452,6 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
         result: dict[int, Any] = {}
         expired = 0
         writeback: list[int] = []
-        may_expire = self._data_policy.ttl is not None
         async for key, record in self.database.scan(tracker.namespace):
             try:
                 item_id = int(key)
@@ -466,7 +460,7 @@ class SQLAlchemyPersistence(BasePersistence[UD, CD, BD], Generic[UD, CD, BD]):
                     "Skipping %s[%r]: the key is not an integer id", tracker.namespace, key
                 )
                 continue
-            if may_expire and self._expired(record):
+            if self._expired(record):
                 expired += 1
                 continue
             try:
