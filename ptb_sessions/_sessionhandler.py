@@ -415,11 +415,12 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         # One body for every kind of session, kept short: it runs for every update (see
         # bench/sessions.py). A lazy session is one small object that takes its locks only
         # when first used, so an untouched one costs no lock, no I/O and no key function call:
-        # with a plain context, four calls (LazySession, public, _swap_back, finish).
+        # with a plain context, two calls (LazySession and its finish).
         spec = self._single
         binding: Binding
+        public: Any
         if spec is not None and spec.lazy:
-            binding = LazySession(spec, update)  # opens nothing
+            public = binding = LazySession(spec, update)  # opens nothing; is its own public()
         else:
             binding = (
                 MultiBinding([Cell(fragment, update) for fragment in self._specs])
@@ -433,6 +434,7 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
                 except BaseException:
                     await _closed(binding)
                     raise
+            public = binding.public()
         handler, check = check_result
         if isinstance(context, SessionContext):
             token = current_binding.set(binding)
@@ -451,31 +453,26 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
                     await closing
         attrs = context.__dict__
         previous = attrs.get("session", MISSING)
-        attrs["session"] = binding.public()
+        attrs["session"] = public
+        stop: ApplicationHandlerStop | None = None
         try:
-            result = await handler.handle_update(update, application, check, context)
-        except ApplicationHandlerStop:
-            finishing = binding.finish(_swap_back(attrs, previous))
-            if finishing is not None:
-                await finishing
-            raise
+            try:
+                result = await handler.handle_update(update, application, check, context)
+            finally:  # what the handler left in context.session, and the previous one back
+                left = attrs.pop("session", MISSING)
+                if previous is not MISSING:
+                    attrs["session"] = previous
+        except ApplicationHandlerStop as exc:  # a stop still saves, then goes on to PTB
+            stop, result = exc, None
         except BaseException:
-            _swap_back(attrs, previous)
             await _closed(binding)
             raise
-        finishing = binding.finish(_swap_back(attrs, previous))
+        finishing = binding.finish(left)
         if finishing is not None:
             await finishing
+        if stop is not None:
+            raise stop
         return result
-
-
-def _swap_back(attrs: dict[str, Any], previous: Any) -> Any:
-    """Puts ``previous`` back into ``context.session`` (``attrs`` is the context's
-    ``__dict__``) and returns what the handler left there."""
-    left = attrs.pop("session", MISSING) if previous is MISSING else attrs.get("session", MISSING)
-    if previous is not MISSING:
-        attrs["session"] = previous
-    return left
 
 
 async def _saved(binding: Binding) -> None:
