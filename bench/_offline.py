@@ -11,11 +11,13 @@ import asyncio
 import datetime as dtm
 import gc
 import itertools
+import json
 import logging
 import os
 import pickle
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -375,3 +377,26 @@ async def usable_backends(backends: Sequence[str]) -> list[str]:
 
 def temp_dir(prefix: str) -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+def run_child(script: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``script --child <spec as JSON>`` in a fresh Python process and return the JSON
+    object it prints last. A fresh process measures one thing alone: nothing that an earlier
+    measurement left on the heap changes when the garbage collector runs."""
+    out = subprocess.run(
+        [sys.executable, script, "--child", json.dumps(spec)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def child_spec() -> dict[str, Any] | None:
+    """The spec of a process started by :func:`run_child`, or :obj:`None` in the parent."""
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        spec: dict[str, Any] = json.loads(sys.argv[2])
+        return spec
+    return None

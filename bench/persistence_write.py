@@ -13,13 +13,19 @@ rewrites the whole file, so 10,000 chats are measured with fewer chats and extra
 the table says) and with ``on_flush=True`` (``update_persistence`` only copies into memory;
 the file is written by ``flush()``, timed separately).
 
+Each persistence's writes, and each ``initialize()``, are measured in a fresh Python process
+(``_offline.run_child``), one after another, as ``startup.py`` does: no measurement runs on a
+heap that an earlier one left, which changes when the cyclic garbage collector runs.
+
 Usage: python bench/persistence_write.py [--backends sqlite,postgresql,mariadb] [--quick]
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +37,14 @@ from _offline import (
     backend_url,
     builder,
     chat_value,
+    child_spec,
     fmt_s,
     machine_line,
     markdown_table,
     median,
     parse_args,
     reset_database,
+    run_child,
     seed_rows,
     temp_dir,
     usable_backends,
@@ -112,6 +120,40 @@ async def measure_initialize(make_app: Any, n: int, repeats: int) -> float:
     return median(times)
 
 
+# -- children: one measurement each -------------------------------------------------------
+
+
+def app_maker(spec: dict[str, Any]) -> Callable[[], Application]:  # type: ignore[type-arg]
+    """A maker of offline applications with the persistence that ``spec`` names."""
+
+    def make() -> Application:  # type: ignore[type-arg]
+        if spec["kind"] == "sqlalchemy":
+            persistence: Any = SQLAlchemyPersistence(spec["url"])
+        else:
+            persistence = PicklePersistence(
+                spec["path"], on_flush=spec["kind"] == "pickle-on-flush"
+            )
+        return builder().persistence(persistence).build()
+
+    return make
+
+
+async def child_measure(spec: dict[str, Any]) -> dict[str, float]:
+    make_app = app_maker(spec)
+    if spec["measure"] == "writes":
+        return await measure_writes(
+            make_app, spec["n"], spec["repeats"], after_flush=spec["kind"] == "pickle-on-flush"
+        )
+    return {"initialize": await measure_initialize(make_app, spec["n"], spec["repeats"])}
+
+
+# -- parent -------------------------------------------------------------------------------
+
+
+def measured(**spec: Any) -> dict[str, float]:
+    return run_child(__file__, spec)
+
+
 async def main() -> None:
     args = parse_args(__doc__.splitlines()[0])
     n_write = 1_000 if args.quick else 10_000
@@ -126,14 +168,14 @@ async def main() -> None:
             url = backend_url(backend, tmp)
             await reset_database(url)
             try:
-
-                def make_app(url: str = url) -> Application:  # type: ignore[type-arg]
-                    return builder().persistence(SQLAlchemyPersistence(url)).build()
-
-                writes = await measure_writes(make_app, n_write, repeats)
+                writes = measured(
+                    kind="sqlalchemy", url=url, measure="writes", n=n_write, repeats=repeats
+                )
                 await reset_database(url)
                 await seed_rows(url, n_stored)
-                init = await measure_initialize(make_app, n_stored, repeats)
+                init = measured(
+                    kind="sqlalchemy", url=url, measure="initialize", n=n_stored, repeats=repeats
+                )["initialize"]
             finally:
                 await reset_database(url)
             target = TARGETS[backend]
@@ -152,20 +194,13 @@ async def main() -> None:
 
         # PicklePersistence, default mode: one whole-file rewrite per changed chat.
         path = Path(tmp) / "bench.pickle"
-
-        def make_pickle(on_flush: bool) -> Any:
-            def make() -> Application:  # type: ignore[type-arg]
-                persistence = PicklePersistence(path, on_flush=on_flush)
-                return builder().persistence(persistence).build()
-
-            return make
-
-        path.unlink(missing_ok=True)
-        small = await measure_writes(make_pickle(False), n_pickle, 1)
+        small = measured(kind="pickle", path=str(path), measure="writes", n=n_pickle, repeats=1)
         factor = (n_write / n_pickle) ** 2
         path.unlink(missing_ok=True)
         write_pickle_file(path, n_stored)
-        pickle_init = await measure_initialize(make_pickle(False), n_stored, repeats)
+        pickle_init = measured(
+            kind="pickle", path=str(path), measure="initialize", n=n_stored, repeats=repeats
+        )["initialize"]
         path.unlink(missing_ok=True)
         rows.append(
             [
@@ -181,7 +216,9 @@ async def main() -> None:
         )
         print("done: pickle on_flush=False", file=sys.stderr)
 
-        on_flush = await measure_writes(make_pickle(True), n_write, repeats, after_flush=True)
+        on_flush = measured(
+            kind="pickle-on-flush", path=str(path), measure="writes", n=n_write, repeats=repeats
+        )
         path.unlink(missing_ok=True)
         rows.append(
             [
@@ -219,8 +256,15 @@ async def main() -> None:
             rows,
         )
     )
-    print(f"\nmedian of {repeats} runs each; time.perf_counter around exactly the call.")
+    print(
+        f"\nmedian of {repeats} runs each; time.perf_counter around exactly the call; each "
+        "persistence's writes, and each initialize(), in a fresh process."
+    )
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    spec = child_spec()
+    if spec is not None:
+        print(json.dumps(asyncio.run(child_measure(spec))))
+    else:
+        asyncio.run(main())

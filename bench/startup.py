@@ -27,8 +27,6 @@ import asyncio
 import gc
 import importlib
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -127,14 +125,7 @@ def child_main(spec: dict[str, Any]) -> None:
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(spec)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONHASHSEED": "0"},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _offline.run_child(__file__, spec)
 
 
 _baselines: dict[tuple[str, ...], float] = {}
@@ -332,7 +323,8 @@ async def parent_main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--child":
-        child_main(json.loads(sys.argv[2]))
+    spec = _offline.child_spec()
+    if spec is not None:
+        child_main(spec)
     else:
         asyncio.run(parent_main())
