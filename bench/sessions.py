@@ -23,10 +23,11 @@ Usage: python bench/sessions.py [--backends sqlite,postgresql,mariadb] [--quick]
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,11 +269,30 @@ def _scaling_option(parser: Any) -> None:
     )
 
 
+Run = Callable[[], Awaitable[tuple[float, int]]]
+
+
+async def medians_abba(runs: Sequence[Run], rounds: int) -> list[tuple[float, int]]:
+    """Each run's median updates/s over ``rounds`` rounds, and its errors summed. The order of
+    the runs reverses every round (ABBA), so that none is always first or last and a machine
+    whose speed drifts moves every run alike."""
+    rates: list[list[float]] = [[] for _ in runs]
+    errors = [0] * len(runs)
+    order = list(range(len(runs)))
+    for round_ in range(rounds):
+        for i in order if round_ % 2 == 0 else order[::-1]:
+            rate, errs = await runs[i]()
+            rates[i].append(rate)
+            errors[i] += errs
+    return [(median(r), e) for r, e in zip(rates, errors)]
+
+
 async def main() -> None:
     args = parse_args(__doc__.splitlines()[0], _scaling_option)
     n = 1_000 if args.quick else 5_000
     n_lazy = 2_000 if args.quick else 40_000
-    rounds = 1 if args.quick else 7
+    rounds = 1 if args.quick else 5
+    lazy_rounds = 1 if args.quick else 7
     backends = await usable_backends(args.backends)
     rows: list[list[object]] = []
 
@@ -294,34 +314,41 @@ async def main() -> None:
                 str(errors),
             ]
         )
-        print(f"done: {name}", file=sys.stderr)
 
-    row(
-        "plain context.chat_data, no persistence",
-        await run_sequential(chat_data_handlers, n),
-        await run_concurrent(chat_data_handlers, n),
-    )
-    memory = MemoryStorage()
-    memory_seq = await run_sequential(session_handlers(memory), n)
-    memory_conc = await run_concurrent(session_handlers(memory), n)
-    row("SessionHandler, MemoryStorage", memory_seq, memory_conc)
     with temp_dir("ptb-sessions-bench-") as tmp:
-        for backend in backends:
-            url = backend_url(backend, tmp)
+        # every configuration of the main table, measured in the same rounds (ABBA)
+        urls = [backend_url(backend, tmp) for backend in backends]
+        for url in urls:
             await reset_database(url)
-            storage = SQLAlchemyStorage(url)
-            try:
-                seq = await run_sequential(session_handlers(storage), n)
-                conc = await run_concurrent(session_handlers(storage), n)
-            finally:
+        storages = [SQLAlchemyStorage(url) for url in urls]
+        try:
+            configs = [
+                chat_data_handlers,
+                session_handlers(MemoryStorage()),
+                *(session_handlers(storage) for storage in storages),
+            ]
+            seq = await medians_abba(
+                [functools.partial(run_sequential, add, n) for add in configs], rounds
+            )
+            print("done: sequential", file=sys.stderr)
+            conc = await medians_abba(
+                [functools.partial(run_concurrent, add, n) for add in configs], rounds
+            )
+            print("done: concurrent", file=sys.stderr)
+        finally:
+            for storage in storages:
                 await storage.close()
+            for url in urls:
                 await reset_database(url)
+        row("plain context.chat_data, no persistence", seq[0], conc[0])
+        row("SessionHandler, MemoryStorage", seq[1], conc[1])
+        for i, backend in enumerate(backends, start=2):
             seq_target, conc_target = TARGETS[backend]
             shares = (
-                share_and_target(seq[0], memory_seq[0], seq_target),
-                share_and_target(conc[0], memory_conc[0], conc_target),
+                share_and_target(seq[i][0], seq[1][0], seq_target),
+                share_and_target(conc[i][0], conc[1][0], conc_target),
             )
-            row(f"SessionHandler, SQLAlchemyStorage, {backend}", seq, conc, shares)
+            row(f"SessionHandler, SQLAlchemyStorage, {backend}", seq[i], conc[i], shares)
 
         # lazy, never touched vs no SessionHandler at all; an empty handler and one that
         # replies (a Bot API call answered in-process)
@@ -351,15 +378,13 @@ async def main() -> None:
                 ("empty handler", untouched, n_lazy),
                 ("handler that replies", untouched_reply, n_lazy // 4),
             ):
-                lazy_rates, bare_rates = [], []
-                runs = [
-                    (without_session(callback), bare_rates),
-                    (with_session(callback), lazy_rates),
-                ]
-                for round_ in range(rounds):  # ABBA: neither side is always the second run
-                    for add, rates in runs if round_ % 2 == 0 else runs[::-1]:
-                        rates.append((await run_sequential(add, count))[0])
-                lazy_rate, bare_rate = median(lazy_rates), median(bare_rates)
+                (bare_rate, _), (lazy_rate, _) = await medians_abba(
+                    [
+                        functools.partial(run_sequential, without_session(callback), count),
+                        functools.partial(run_sequential, with_session(callback), count),
+                    ],
+                    lazy_rounds,
+                )
                 slowdown = 1 - lazy_rate / bare_rate
                 overhead = 1 / lazy_rate - 1 / bare_rate
                 lazy_rows.append(
@@ -385,9 +410,9 @@ async def main() -> None:
         markdown_table(
             [
                 "configuration",
-                f"sequential ({n:,} updates)",
+                f"sequential ({n:,} updates), median of {rounds}",
                 "vs MemoryStorage",
-                f"concurrent_updates({CONCURRENCY}) ({n:,} updates)",
+                f"concurrent_updates({CONCURRENCY}) ({n:,} updates), median of {rounds}",
                 "vs MemoryStorage",
                 "concurrent / sequential",
                 "errors",
@@ -397,14 +422,15 @@ async def main() -> None:
     )
     print(
         f"\n{CHATS:,} chats, round robin; strict session: one read and one changed write per "
-        "update. Each chat had one update before the timed run.\n"
+        "update. Each chat had one update before the timed run. Every configuration ran in "
+        "each round, in an order that reverses every round (ABBA).\n"
     )
     print(
         markdown_table(
             [
                 "configuration",
                 "updates",
-                f"sequential, median of {rounds}",
+                f"sequential, median of {lazy_rounds}",
                 "vs no SessionHandler",
                 "extra time per update",
                 "target (within 10%)",
