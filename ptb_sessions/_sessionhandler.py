@@ -415,12 +415,11 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
         # One body for every kind of session, kept short: it runs for every update (see
         # bench/sessions.py). A lazy session is one small object that takes its locks only
         # when first used, so an untouched one costs no lock, no I/O and no key function call:
-        # with a plain context, two calls (LazySession and its finish).
+        # with a plain context, three calls (LazySession, public, finish).
         spec = self._single
         binding: Binding
-        public: Any
         if spec is not None and spec.lazy:
-            public = binding = LazySession(spec, update)  # opens nothing; is its own public()
+            binding = LazySession(spec, update)  # opens nothing
         else:
             binding = (
                 MultiBinding([Cell(fragment, update) for fragment in self._specs])
@@ -434,7 +433,6 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
                 except BaseException:
                     await _closed(binding)
                     raise
-            public = binding.public()
         handler, check = check_result
         if isinstance(context, SessionContext):
             token = current_binding.set(binding)
@@ -453,7 +451,7 @@ class SessionHandler(BaseHandler[Update, CCT, object]):
                     await closing
         attrs = context.__dict__
         previous = attrs.get("session", MISSING)
-        attrs["session"] = public
+        attrs["session"] = binding.public()
         stop: ApplicationHandlerStop | None = None
         try:
             try:
