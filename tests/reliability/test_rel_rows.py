@@ -137,6 +137,30 @@ async def test_a_custom_codec_round_trips_in_the_persistence_and_the_sessions(
         await second.flush()
 
 
+async def test_integers_beyond_64_bits_round_trip_exactly_through_every_store(
+    fresh_db_url: str,
+) -> None:
+    """The JSON codec's fast path (orjson) reads such integers as floats: they go through the
+    standard library, in the persistence and the sessions alike."""
+    value = {"id": 2**64 + 1, "neg": -(10**20) - 3, "ids": [10**30 + 7], "n": 5}
+    first: SQLAlchemyPersistence = SQLAlchemyPersistence(fresh_db_url)
+    await first.get_chat_data()
+    await first.update_chat_data(1, dict(value))
+    await first.storage().write("1", value)
+    await first.flush()
+
+    second: SQLAlchemyPersistence = SQLAlchemyPersistence(fresh_db_url)
+    try:
+        loaded = (await second.get_chat_data())[1]
+        read = await second.storage().read("1")
+        for got in (loaded, read):
+            assert got == value
+            assert [type(got[k]) for k in ("id", "neg", "n")] == [int, int, int]
+            assert type(got["ids"][0]) is int
+    finally:
+        await second.flush()
+
+
 async def test_rows_of_the_earlier_layout_are_still_read(fresh_db_url: str) -> None:
     """A pickle row stored as bare base64 (before the ``base64:`` marker) still decodes."""
     persistence: SQLAlchemyPersistence = SQLAlchemyPersistence(fresh_db_url, codec=PickleCodec())
