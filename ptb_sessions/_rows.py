@@ -31,7 +31,7 @@ _PREFIXES: Final = (_BYTES, _TEXT)
 
 
 def _as_text(encoded: str | bytes) -> str:
-    if isinstance(encoded, bytes | bytearray | memoryview):
+    if not isinstance(encoded, str):  # one check for the common case: a str codec
         return _BYTES + base64.b64encode(encoded).decode("ascii")
     if encoded.startswith(_PREFIXES):
         return _TEXT + encoded
