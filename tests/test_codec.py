@@ -121,20 +121,17 @@ def test_json_output_is_strict_json_and_reencodes_identically(value: Any) -> Non
 def test_plain_values_are_stored_as_plain_json(value: Any) -> None:
     encoded = JSON.encode(value)
     assert same(strict_json(encoded), value)
-    # compact, and not a character escaped that need not be (floats may be spelled otherwise)
-    assert json.dumps(strict_json(encoded), separators=(",", ":"), ensure_ascii=False) == (
-        json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    )
+    # compact, and not a character escaped that need not be (floats may be spelled shorter)
     assert len(encoded) <= len(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
 #: What orjson (the codec's fast path) does not read or write as the standard library does:
 #: integers beyond 64 bits (it reads them as floats), lone surrogates, NaN and infinities.
+#: Nesting deeper than orjson's limit: test_deeply_nested_values_round_trip.
 ORJSON_EDGES = [
     {"n": 2**64, "m": -(2**63) - 1, "l": [10**30, -(10**19)], "s": "x"},
     {"id": 12345678901234567890123, "phone": "+4912345678901234567890"},
     {"text": "\ud83d", "ok": "🍕"},
-    {"deep": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
     [math.nan, math.inf, 1e-07, 1e16, 123456789.12345679],
 ]
 
